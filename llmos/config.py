@@ -1,0 +1,149 @@
+"""Configuration: offline defaults, then a TOML file, then `LLMOS_*` environment variables.
+
+Precedence, lowest first: the defaults below; the TOML file at `$LLMOS_CONFIG` or
+`~/.config/llmos/config.toml`; environment variables. A nested key `llm.model` is set by
+`LLMOS_LLM__MODEL` (sections and keys joined by a double underscore); `LLMOS_HOME` sets `home`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def _default_home() -> Path:
+    return Path("~/.llmos").expanduser()
+
+
+def _default_models_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(cache) / "llmos" / "models"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMConfig(Section):
+    model: str = Field("qwen2.5-coder-0.5b-instruct", description="catalog name, .gguf path, or openai:NAME")
+    base_url: str | None = Field(None, description="OpenAI-compatible server; None runs the model locally")
+    api_key: str | None = None
+    n_ctx: int = Field(4096, ge=256)
+    threads: int | None = Field(None, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    kv_cache_mb: int = Field(512, ge=0, description="disk budget for per-process KV snapshots")
+
+
+class JournalConfig(Section):
+    # "normal" survives a killed process (the WAL is in the OS page cache); "full" also survives
+    # a power cut, at the price of an fsync per event.
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class BudgetConfig(Section):
+    tokens: int | None = Field(None, ge=0)
+    wall_time_s: float | None = Field(None, gt=0)
+    tool_calls: int | None = Field(None, ge=0)
+    sandbox_cpu_s: float | None = Field(None, gt=0)
+
+
+class SandboxConfig(Section):
+    backend: Literal["auto", "docker", "namespace", "subprocess"] = "auto"
+    image: str = "llmos-sandbox:latest"
+
+
+class MemoryConfig(Section):
+    chroma_url: str | None = Field(None, description="http://host:port of a Chroma server; None embeds it")
+
+
+class Config(Section):
+    home: Path = Field(default_factory=_default_home)
+    models_dir: Path = Field(default_factory=_default_models_dir)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.home / "journal.sqlite3"
+
+
+class ConfigError(Exception):
+    """A configuration value a user has to fix; the message is one sentence."""
+
+
+def config_file_path(env: dict[str, str] | None = None) -> Path:
+    env = dict(os.environ) if env is None else env
+    if "LLMOS_CONFIG" in env:
+        return Path(env["LLMOS_CONFIG"]).expanduser()
+    base = env.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return Path(base) / "llmos" / "config.toml"
+
+
+def _env_overrides(env: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Nested dict of values from LLMOS_* variables, and which variable set each key."""
+    values: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    for name, value in env.items():
+        if not name.startswith("LLMOS_") or name == "LLMOS_CONFIG":
+            continue
+        path = tuple(part.lower() for part in name[len("LLMOS_") :].split("__"))
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        sources[path] = name
+    return values, sources
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(env: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Build the config from file and environment; keyword overrides win over both."""
+    env = dict(os.environ) if env is None else env
+    path = config_file_path(env)
+    file_values: dict[str, Any] = {}
+    if path.exists():
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML ({exc}); fix or remove it.") from None
+    env_values, env_sources = _env_overrides(env)
+    data = _merge(_merge(file_values, env_values), overrides)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, data, env_sources, path)) from None
+    config.home = config.home.expanduser()
+    config.models_dir = config.models_dir.expanduser()
+    return config
+
+
+def _explain(exc: ValidationError, data: dict[str, Any], env_sources: dict[tuple[str, ...], str], path: Path) -> str:
+    error = exc.errors()[0]
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        where = env_sources.get(loc, str(path))
+        return f"Unknown config key '{key}' (from {where}); see `llmos config show` for the keys that exist."
+    value: Any = data
+    for part in loc:
+        value = value.get(part) if isinstance(value, dict) else None
+    where = env_sources.get(loc, str(path))
+    allowed = error["msg"][0].lower() + error["msg"][1:]
+    return f"Bad config value {key}={value!r} (from {where}): {allowed}."
