@@ -52,13 +52,33 @@ class BudgetConfig(Section):
     sandbox_cpu_s: float | None = Field(None, gt=0)
 
 
+class SandboxLimits(Section):
+    """Per-call limits of sandboxed code; every backend enforces them the same way."""
+
+    wall_time_s: float = Field(10.0, gt=0)
+    cpu_s: float = Field(10.0, gt=0)
+    memory_mb: int = Field(256, ge=16)
+    pids: int = Field(64, ge=4)
+    output_bytes: int = Field(1_000_000, ge=1024)
+    file_size_mb: int = Field(16, ge=1)
+
+
 class SandboxConfig(Section):
+    # "auto" picks docker when an engine answers and the image exists, else namespace (bubblewrap).
+    # subprocess is not a boundary: it is used only when named here.
     backend: Literal["auto", "docker", "namespace", "subprocess"] = "auto"
     image: str = "llmos-sandbox:latest"
+    docker_host: str | None = Field(None, description="unix:///path/docker.sock; None uses DOCKER_HOST")
+    pool_size: int = Field(2, ge=0, description="warm containers kept ready")
+    max_calls_per_session: int = Field(200, ge=1, description="a session is recycled after this many calls")
+    idle_timeout_s: float = Field(600.0, gt=0, description="a session idle this long is removed")
+    uid: int = Field(65534, ge=1, description="non-root uid sandboxed code runs as")
+    limits: SandboxLimits = Field(default_factory=SandboxLimits)
 
 
 class MemoryConfig(Section):
     chroma_url: str | None = Field(None, description="http://host:port of a Chroma server; None embeds it")
+    embedding_model: str = Field("all-minilm-l6-v2", description="catalog name of the offline embedder")
 
 
 class Config(Section):

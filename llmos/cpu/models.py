@@ -386,6 +386,9 @@ class ModelManager:
                 except ModelError:
                     shutil.rmtree(final)
             partial = Path(tempfile.mkdtemp(prefix=self._partial_prefix(entry), dir=self.cache_dir))
+            # mkdtemp makes it private (0700); the cache is shared by every llmos process of the user
+            # and by other users' read-only use, like any model directory.
+            partial.chmod(0o755)
             try:
                 use_hub = self._hub_ok()
                 for file in entry.files:

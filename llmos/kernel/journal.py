@@ -166,6 +166,9 @@ class Journal:
             )
         return infos
 
+    def children(self, pid: int) -> list[ProcessInfo]:
+        return self._process_rows("WHERE ppid = ?", (pid,))
+
     def boot_of(self, pid: int) -> tuple[str, float | None]:
         boot_id, run_started_at = self.db.execute(
             "SELECT boot_id, run_started_at FROM processes WHERE pid = ?", (pid,)

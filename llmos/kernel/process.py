@@ -119,10 +119,13 @@ class Process:
     chargeable and resumable.
     """
 
-    def __init__(self, kernel: Kernel, info: ProcessInfo, replay: dict[int, Reply]) -> None:
+    def __init__(self, kernel: Kernel, info: ProcessInfo, replay: dict[int, dict[str, Any]]) -> None:
         self.kernel = kernel
         self.info = info
         self.task: asyncio.Task[Any] | None = None
+        self.finished = asyncio.Event()
+        # Why the task was cancelled: (state, error). None means the kernel shut down under it.
+        self.stop_reason: tuple[State, str] | None = None
         self.started = time.monotonic()
         self.wall_time_before = info.usage.wall_time_s  # from earlier runs, before a resume
         self._next_seq = 0
@@ -137,7 +140,7 @@ class Process:
         self._next_seq += 1
         return self._next_seq
 
-    def replayed(self, seq: int) -> Reply | None:
+    def replayed(self, seq: int) -> dict[str, Any] | None:
         return self._replay.pop(seq, None)
 
     @property
@@ -147,10 +150,15 @@ class Process:
     def wall_time(self) -> float:
         return self.wall_time_before + (time.monotonic() - self.started)
 
+    def remaining_tokens(self) -> int | None:
+        if self.info.budget.tokens is None:
+            return None
+        return max(0, self.info.budget.tokens - self.info.usage.tokens)
+
     async def syscall(self, name: str, **args: Any) -> Reply:
         return await self.kernel.dispatch(self, name, args)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Tell whoever watches this process (CLI, shell, an embedding app) what just happened."""
-        for listener in list(self.listeners):
-            listener(kind, data)
+        for listener in [*self.listeners, *self.kernel.listeners]:
+            listener(kind, {"pid": self.pid, **data})

@@ -1,0 +1,161 @@
+"""The `llmos` command."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmos.config import Config, ConfigError, config_file_path, load_config
+from llmos.cpu.cli import app as models_app
+from llmos.kernel.journal import Journal, JournalEvent
+from llmos.kernel.kernel import boot_alive
+from llmos.kernel.process import ProcessInfo, State
+
+app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+config_app = typer.Typer(help="Show the configuration", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"llmos {version('llmos')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def _config() -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _open_journal(config: Config) -> Journal:
+    if not config.journal_path.exists():
+        err.print(f"No journal at {config.journal_path} yet: no process has run with LLMOS_HOME={config.home}.")
+        raise typer.Exit(1)
+    return Journal(config.journal_path)
+
+
+def _shown_state(config: Config, journal: Journal, info: ProcessInfo) -> str:
+    """A process left running by a kernel that died shows as interrupted before the next boot says so."""
+    if info.state.finished or info.state == State.INTERRUPTED:
+        return info.state.value
+    boot_id, _ = journal.boot_of(info.pid)
+    return info.state.value if boot_alive(config.home / "run", boot_id) else State.INTERRUPTED.value
+
+
+@app.command()
+def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished processes.")] = False) -> None:
+    """List processes: state, tokens, tool calls and time used."""
+    config = _config()
+    journal = _open_journal(config)
+    table = Table("PID", "PPID", "NAME", "STATE", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
+    for info in journal.processes():
+        state = _shown_state(config, journal, info)
+        if not show_all and State(state).finished:
+            continue
+        usage = info.usage
+        table.add_row(
+            str(info.pid),
+            str(info.ppid or "-"),
+            info.name,
+            state,
+            str(usage.tokens),
+            str(usage.tool_calls),
+            str(usage.syscalls),
+            f"{usage.wall_time_s:.1f}s",
+        )
+    out.print(table)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def trace_lines(events: list[JournalEvent]) -> list[str]:
+    """A process's syscalls as strace prints them: call, result, and how long it took."""
+    if not events:
+        return []
+    start = events[0].ts
+    calls = {event.seq: event for event in events if event.kind == "call"}
+    lines = []
+    for event in events:
+        offset = f"+{event.ts - start:8.3f}s"
+        if event.kind == "state":
+            error = f" ({event.data['error']})" if event.data.get("error") else ""
+            lines.append(f"{offset}  --- {event.data['state']}{error} ---")
+        elif event.kind == "result":
+            call = calls.get(event.seq)
+            args = ", ".join(f"{k}={_short(v, 60)}" for k, v in (call.data["args"] if call else {}).items())
+            reply = event.data["reply"]
+            outcome = f"ok {_short(reply['value'])}" if reply["ok"] else f"error[{reply['error']['code']}] {reply['error']['message']}"
+            took = f"<{(event.ts - call.ts) * 1000:.1f}ms>" if call else ""
+            lines.append(f"{offset}  #{event.seq} {event.name}({args}) = {outcome} {took}")
+    unfinished = set(calls) - {event.seq for event in events if event.kind == "result"}
+    for seq in sorted(unfinished):
+        call = calls[seq]
+        lines.append(f"+{call.ts - start:8.3f}s  #{seq} {call.name}({_short(call.data['args'])}) = ? <no result>")
+    return lines
+
+
+@app.command("log")
+def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos ps --all`.")]) -> None:
+    """A process's syscall trace, like strace."""
+    journal = _open_journal(_config())
+    if journal.process(pid) is None:
+        err.print(f"No process {pid}; `llmos ps --all` lists them.")
+        raise typer.Exit(1)
+    for line in trace_lines(journal.events(pid)):
+        out.print(line, markup=False, highlight=False)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the configuration in effect (defaults < config file < LLMOS_* variables) as TOML-like text."""
+    config = _config()
+    out.print(f"# file: {config_file_path()}", markup=False, highlight=False)
+    data = config.model_dump(mode="json")
+    sections = {key: value for key, value in data.items() if isinstance(value, dict)}
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            out.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
+    for section, values in sections.items():
+        _print_section(section, values)
+
+
+def _print_section(name: str, values: dict[str, Any]) -> None:
+    out.print(f"\n[{name}]", markup=False, highlight=False)
+    nested = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested[key] = value
+        elif value is not None:
+            out.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
+        else:
+            out.print(f"# {key} = (unset)", markup=False, highlight=False)
+    for key, value in nested.items():
+        _print_section(f"{name}.{key}", value)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,53 @@
+"""A scripted fake LLM: it replies from a list, for tests of control flow (never for quality).
+
+Each reply is a string (the answer text), a `ChatResult` (for tool calls), or a function of the
+request. Usage is counted as whitespace-separated words, so budgets can be tested exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from llmos.cpu.base import ChatRequest, ChatResult, ModelInfo, TextCallback, Usage
+
+ScriptedReply = str | ChatResult | Callable[[ChatRequest], str | ChatResult]
+
+
+class ScriptedLLM:
+    name = "scripted"
+
+    def __init__(self, replies: Iterable[ScriptedReply], *, context_length: int = 4096) -> None:
+        self.replies = list(replies)
+        self.requests: list[ChatRequest] = []
+        self._info = ModelInfo(name="scripted", context_length=context_length, family="scripted")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def chat(self, request: ChatRequest, on_text: TextCallback | None = None) -> ChatResult:
+        self.requests.append(request)
+        if not self.replies:
+            raise RuntimeError("the scripted LLM has no replies left")
+        reply = self.replies.pop(0)
+        if callable(reply):
+            reply = reply(request)
+        result = reply if isinstance(reply, ChatResult) else ChatResult(text=reply)
+        if on_text is not None and result.text:
+            for piece in result.text.split(" "):
+                on_text(piece + " ")
+        prompt = sum(self.count_tokens(message.content) for message in request.messages)
+        result = result.model_copy(
+            update={
+                "usage": Usage(prompt_tokens=prompt, completion_tokens=self.count_tokens(result.text)),
+                "backend": self.name,
+                "model": self.name,
+            }
+        )
+        return result
+
+    async def aclose(self) -> None:
+        pass

@@ -1,0 +1,502 @@
+"""The kernel: boots devices, owns the process table, and dispatches every syscall.
+
+    async with Kernel() as kernel:          with Kernel() as kernel:
+        pid = await kernel.spawn(main)          pid = kernel.spawn(main)
+        info = await kernel.wait(pid)           info = kernel.wait(pid)
+
+The plain `with` form runs the same async kernel on a private event-loop thread; it is a thin
+facade (`SyncKernel`), not a second implementation. Nothing is global: every kernel has its own
+journal, devices and process table, so two kernels in one process never see each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from llmos.config import Config, load_config
+from llmos.cpu.base import LLMBackend
+from llmos.kernel.journal import Journal, JournalEvent
+from llmos.kernel.process import Budget, Charge, Process, ProcessInfo, Program, State, exhausted
+from llmos.kernel.scheduler import Scheduler
+from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply, Syscall
+from llmos.tools.registry import ToolContext, ToolRegistry, ToolResult, UnknownTool
+
+if TYPE_CHECKING:
+    from llmos.tools.sandbox.base import Sandbox
+
+log = logging.getLogger("llmos.kernel")
+T = TypeVar("T")
+UNFINISHED = [State.READY, State.RUNNING, State.WAITING, State.BLOCKED]
+
+
+class KernelError(Exception):
+    """Something the caller asked of the kernel cannot be done; the message says why and what to do."""
+
+
+class ProcessDiverged(Exception):
+    """A resumed program made different syscalls than the journal recorded for it."""
+
+
+def boot_alive(run_dir: Path, boot_id: str) -> bool:
+    """Whether the kernel of `boot_id` still runs: it holds an flock on its lock file until it exits."""
+    path = run_dir / f"{boot_id}.lock"
+    if not path.exists():
+        return False
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def program_ref(program: Program) -> str | None:
+    """'module:qualname' if the program can be imported again (to resume it), else None."""
+    module, qualname = getattr(program, "__module__", None), getattr(program, "__qualname__", "")
+    if not module or "<" in qualname:
+        return None
+    try:
+        return f"{module}:{qualname}" if import_program(f"{module}:{qualname}") is program else None
+    except KernelError:
+        return None
+
+
+def import_program(ref: str) -> Program:
+    module_name, _, qualname = ref.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise KernelError(f"Program {ref!r} cannot be imported ({exc}); give 'module:function'.") from None
+    if not callable(target):
+        raise KernelError(f"Program {ref!r} is not a function.")
+    return target  # type: ignore[no-any-return]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+def _digest(name: str, args: Mapping[str, Any]) -> str:
+    """Fingerprint of a call, to check that a resumed program repeats the journaled calls."""
+    text = json.dumps([name, args], sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "arguments"
+    return f"{where}: {error['msg']}"
+
+
+class Kernel:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        llm: LLMBackend | None = None,
+        tools: ToolRegistry | None = None,
+        sandbox: Sandbox | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config or load_config()
+        self.tools = tools or ToolRegistry()
+        self.secrets = dict(secrets or {})  # injected into tool calls, never shown to a model
+        self.scheduler = Scheduler()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._backends: dict[str | None, LLMBackend] = {None: llm} if llm else {}
+        self._sandbox = sandbox
+        self._device_lock = asyncio.Lock()
+        self._live: dict[int, Process] = {}
+        self._journal: Journal | None = None
+        self._lock_file: IO[str] | None = None
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._portal: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+
+    # --- boot and shutdown ----------------------------------------------------------------------
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise KernelError("The kernel is not booted; use `async with Kernel() as kernel:`.")
+        return self._journal
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.home / "run"
+
+    async def boot(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = (self.run_dir / f"{self.boot_id}.lock").open("w")
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        self._journal = Journal(self.config.journal_path, self.config.journal.synchronous)
+        self._journal.record_boot(self.boot_id, os.getpid())
+        self._find_interrupted()
+
+    def _find_interrupted(self) -> None:
+        """Processes whose kernel died while they ran become `interrupted`, ready to resume."""
+        dead_boots: set[str] = set()
+        for info in self.journal.processes(UNFINISHED):
+            boot_id, run_started_at = self.journal.boot_of(info.pid)
+            if boot_id == self.boot_id or boot_alive(self.run_dir, boot_id):
+                continue
+            dead_boots.add(boot_id)
+            last_event = self.journal.last_event_time(info.pid) or run_started_at or time.time()
+            ran_for = max(0.0, last_event - (run_started_at or last_event))
+            self.journal.set_state(info.pid, State.INTERRUPTED, wall_time_s=info.usage.wall_time_s + ran_for)
+        for boot_id in dead_boots:
+            (self.run_dir / f"{boot_id}.lock").unlink(missing_ok=True)
+
+    async def shutdown(self) -> None:
+        """Stop every live process (they become `interrupted`, resumable), then the devices."""
+        for proc in list(self._live.values()):
+            if proc.task is not None:
+                proc.task.cancel()
+        await asyncio.gather(*(p.task for p in list(self._live.values()) if p.task), return_exceptions=True)
+        for backend in self._backends.values():
+            await backend.aclose()
+        if self._sandbox is not None:
+            await self._sandbox.aclose()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            (self.run_dir / f"{self.boot_id}.lock").unlink(missing_ok=True)
+            self._lock_file = None
+
+    async def __aenter__(self) -> Kernel:
+        await self.boot()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def __enter__(self) -> SyncKernel:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="llmos-kernel", daemon=True)
+        thread.start()
+        self._portal = (loop, thread)
+        sync = SyncKernel(self)
+        sync.call(self.boot())
+        return sync
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        assert self._portal is not None
+        loop, thread = self._portal
+        try:
+            asyncio.run_coroutine_threadsafe(self.shutdown(), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            self._portal = None
+
+    # --- processes --------------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        program: Program | str,
+        *,
+        name: str | None = None,
+        args: dict[str, Any] | None = None,
+        capabilities: list[str] | None = None,
+        budget: Budget | None = None,
+        parent: int | None = None,
+        priority: int = 0,
+    ) -> int:
+        """Start `async def program(proc, **args)` as a new process and return its pid.
+
+        Capabilities are glob patterns ("llm", "tool:*"); None means all ("*") for a top-level
+        process and the parent's for a child, which may never get more than its parent has.
+        """
+        fn, ref = (import_program(program), program) if isinstance(program, str) else (program, program_ref(program))
+        parent_info = self._live[parent].info if parent is not None and parent in self._live else None
+        if parent is not None and parent_info is None:
+            raise KernelError(f"Parent process {parent} is not running in this kernel.")
+        if capabilities is None:
+            capabilities = list(parent_info.capabilities) if parent_info else ["*"]
+        if parent_info is not None:
+            extra = [cap for cap in capabilities if not parent_info.allows(cap)]
+            if extra:
+                raise HandlerError(ErrorCode.DENIED, f"a child cannot get capabilities its parent lacks: {extra}")
+        info = ProcessInfo(
+            pid=0,
+            ppid=parent,
+            name=name or getattr(fn, "__name__", "process"),
+            program=ref,
+            args=args or {},
+            capabilities=capabilities,
+            budget=budget or Budget.model_validate(self.config.budget.model_dump()),
+            priority=priority,
+        )
+        info.pid = self.journal.create_process(info, self.boot_id)
+        self._start(info, fn, replay={})
+        return info.pid
+
+    def _start(self, info: ProcessInfo, fn: Program, replay: dict[int, dict[str, Any]]) -> None:
+        proc = Process(self, info, replay)
+        self._live[info.pid] = proc
+        self.journal.set_state(info.pid, State.RUNNING, boot_id=self.boot_id)
+        info.state = State.RUNNING
+        proc.task = asyncio.create_task(self._run(proc, fn), name=f"llmos-pid-{info.pid}")
+
+    async def _run(self, proc: Process, fn: Program) -> None:
+        state, result, error = State.DONE, None, None
+        watchdog = self._arm_wall_clock(proc)
+        try:
+            result = await fn(proc, **proc.info.args)
+        except asyncio.CancelledError:
+            state, error = proc.stop_reason or (State.INTERRUPTED, None)
+        except Exception as exc:
+            state, error = State.FAILED, f"{type(exc).__name__}: {exc}"
+            log.debug("process %s failed", proc.pid, exc_info=True)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        ended_at = time.time() if state.finished else None
+        wall_time = proc.wall_time()
+        if self._journal is not None:
+            self.journal.set_state(
+                proc.pid, state, result=result, error=error, ended_at=ended_at, wall_time_s=wall_time
+            )
+        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = state, result, error, ended_at
+        proc.info.usage.wall_time_s = wall_time
+        self._live.pop(proc.pid, None)
+        proc.finished.set()
+        proc.emit("state", {"state": state.value, "error": error})
+
+    def _arm_wall_clock(self, proc: Process) -> asyncio.TimerHandle | None:
+        limit = proc.info.budget.wall_time_s
+        if limit is None:
+            return None
+        reason = f"wall-time budget of {limit:g}s used up"
+        return asyncio.get_running_loop().call_later(
+            max(0.0, limit - proc.wall_time()), self._stop, proc, State.FAILED, reason
+        )
+
+    def _stop(self, proc: Process, state: State, reason: str) -> None:
+        if proc.task is not None and not proc.task.done():
+            proc.stop_reason = (state, reason)
+            proc.task.cancel()
+
+    async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessInfo:
+        """Wait until process `pid` finishes and return its final row of the process table."""
+        proc = self._live.get(pid)
+        if proc is not None:
+            await asyncio.wait_for(proc.finished.wait(), timeout_s)
+            return proc.info
+        info = self.process(pid)
+        if info.state == State.INTERRUPTED:
+            raise KernelError(f"Process {pid} was interrupted when its kernel died; resume it with resume({pid}).")
+        if not info.state.finished:
+            raise KernelError(f"Process {pid} runs in another kernel; wait for it there.")
+        return info
+
+    async def run(self, program: Program | str, **spawn_args: Any) -> ProcessInfo:
+        """Spawn and wait: the simple way to run one program to its end."""
+        return await self.wait(await self.spawn(program, **spawn_args))
+
+    async def kill(self, pid: int) -> None:
+        """Kill a process and all its descendants."""
+        for child in self.journal.children(pid):
+            if not child.state.finished:
+                await self.kill(child.pid)
+        proc = self._live.get(pid)
+        if proc is not None:
+            self._stop(proc, State.KILLED, "killed")
+            await proc.finished.wait()
+            return
+        info = self.process(pid)
+        if info.state == State.INTERRUPTED:
+            self.journal.set_state(pid, State.KILLED, error="killed", ended_at=time.time())
+        elif not info.state.finished:
+            raise KernelError(f"Process {pid} runs in another kernel; kill it there.")
+
+    async def resume(self, pid: int) -> int:
+        """Continue an interrupted process: journaled syscall results are replayed, not re-executed."""
+        if pid in self._live:
+            return pid
+        info = self.process(pid)
+        if info.state != State.INTERRUPTED:
+            raise KernelError(f"Process {pid} is {info.state.value}; only an interrupted process can be resumed.")
+        if info.program is None:
+            raise KernelError(
+                f"Process {pid} cannot be resumed: its program is not importable (a lambda or nested "
+                "function); define programs at module level."
+            )
+        fn = import_program(info.program)
+        for child in self.journal.children(pid):  # the parent's replayed spawns refer to them
+            if child.state == State.INTERRUPTED:
+                await self.resume(child.pid)
+        self._start(info, fn, replay=self.journal.completed_results(pid))
+        return pid
+
+    def process(self, pid: int) -> ProcessInfo:
+        proc = self._live.get(pid)
+        if proc is not None:
+            proc.info.usage.wall_time_s = proc.wall_time()
+            return proc.info
+        info = self.journal.process(pid)
+        if info is None:
+            raise KernelError(f"No process {pid}; `llmos ps` lists the processes.")
+        return info
+
+    def ps(self) -> list[ProcessInfo]:
+        return [self.process(info.pid) if info.pid in self._live else info for info in self.journal.processes()]
+
+    def log(self, pid: int) -> list[JournalEvent]:
+        return self.journal.events(pid)
+
+    def is_descendant(self, pid: int, of: int) -> bool:
+        info = self.journal.process(pid)
+        while info is not None and info.ppid is not None:
+            if info.ppid == of:
+                return True
+            info = self.journal.process(info.ppid)
+        return False
+
+    # --- syscalls ---------------------------------------------------------------------------------
+
+    async def dispatch(self, proc: Process, name: str, args: dict[str, Any]) -> Reply:
+        seq = proc.next_seq()
+        digest = _digest(name, args)
+        journaled = proc.replayed(seq)
+        if journaled is not None:
+            if journaled.get("digest") != digest or journaled["name"] != name:
+                raise ProcessDiverged(
+                    f"on resume, syscall #{seq} was {name} but the journal recorded {journaled['name']} "
+                    "with other arguments: the program must make the same calls when replayed"
+                )
+            return Reply.model_validate(journaled["reply"])
+        self.journal.record_call(proc.pid, seq, name, json.loads(json.dumps(args, default=_jsonable)))
+        syscall = TABLE.get(name)
+        if syscall is None:
+            reply, charge = Reply.fail(ErrorCode.UNKNOWN_SYSCALL, f"unknown syscall {name!r}"), Charge()
+        else:
+            reply, charge = await self._execute(proc, syscall, args)
+        result = {"reply": reply.model_dump(mode="json"), "charge": charge.model_dump(), "digest": digest}
+        self.journal.record_result(proc.pid, seq, name, result)
+        proc.info.usage.add(charge)
+        return reply
+
+    async def _execute(self, proc: Process, syscall: Syscall, raw_args: dict[str, Any]) -> tuple[Reply, Charge]:
+        try:
+            args = syscall.args.model_validate(raw_args)
+        except ValidationError as exc:
+            return Reply.fail(ErrorCode.INVALID_ARGS, f"{syscall.name}: {_first_error(exc)}"), Charge()
+        try:
+            capability = syscall.capability(self, args) if callable(syscall.capability) else syscall.capability
+        except UnknownTool as exc:
+            return Reply.fail(ErrorCode.NOT_FOUND, str(exc)), Charge()
+        if capability is not None and not proc.info.allows(capability):
+            message = f"process {proc.pid} ({proc.info.name}) lacks the capability {capability!r}"
+            return Reply.fail(ErrorCode.DENIED, message), Charge()
+        proc.info.usage.wall_time_s = proc.wall_time()
+        budget = proc.info.budget.model_dump(include={*syscall.budgets, "wall_time_s"})
+        reason = exhausted(Budget.model_validate(budget), proc.info.usage)
+        if reason is not None:
+            return Reply.fail(ErrorCode.BUDGET, f"{syscall.name} refused: {reason}"), Charge()
+        try:
+            outcome: Outcome = await syscall.handler(self, proc, args)
+        except HandlerError as exc:
+            return Reply.fail(exc.code, str(exc)), Charge()
+        except (KernelError, TimeoutError) as exc:
+            return Reply.fail(ErrorCode.FAILED, str(exc) or type(exc).__name__), Charge()
+        except Exception as exc:  # a device failed: the process gets an error, the kernel goes on
+            log.warning("syscall %s of process %s failed", syscall.name, proc.pid, exc_info=True)
+            return Reply.fail(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}"), Charge()
+        return Reply(ok=True, value=outcome.value), outcome.charge or Charge()
+
+    # --- devices ------------------------------------------------------------------------------------
+
+    async def llm(self, model: str | None = None) -> LLMBackend:
+        """The backend for `model` (None: the configured default), loaded once and kept."""
+        async with self._device_lock:
+            if model not in self._backends:
+                from llmos.cpu import open_backend
+
+                self._backends[model] = await asyncio.to_thread(open_backend, self.config, model)
+            return self._backends[model]
+
+    async def sandbox(self) -> Sandbox:
+        async with self._device_lock:
+            if self._sandbox is None:
+                from llmos.tools.sandbox import open_sandbox
+
+                self._sandbox = await asyncio.to_thread(open_sandbox, self.config)
+            return self._sandbox
+
+    def workspace(self, pid: int) -> Path:
+        path = self.config.home / "workspaces" / str(pid)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def call_tool(self, proc: Process, name: str, arguments: dict[str, Any] | str) -> ToolResult:
+        tool = self.tools.get(name)
+        context = ToolContext(pid=proc.pid, workspace=self.workspace(proc.pid), secrets=self.secrets, process=proc)
+        return await tool.invoke(arguments, context)
+
+
+class SyncKernel:
+    """The kernel for code without an event loop: each method runs its async twin on the kernel's thread."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self.kernel._portal is not None, "use `with Kernel() as kernel:`"
+        return asyncio.run_coroutine_threadsafe(coro, self.kernel._portal[0]).result()
+
+    @property
+    def tools(self) -> ToolRegistry:
+        return self.kernel.tools
+
+    @property
+    def config(self) -> Config:
+        return self.kernel.config
+
+    def spawn(self, program: Program | str, **spawn_args: Any) -> int:
+        return self.call(self.kernel.spawn(program, **spawn_args))
+
+    def wait(self, pid: int, timeout_s: float | None = None) -> ProcessInfo:
+        return self.call(self.kernel.wait(pid, timeout_s))
+
+    def run(self, program: Program | str, **spawn_args: Any) -> ProcessInfo:
+        return self.call(self.kernel.run(program, **spawn_args))
+
+    def kill(self, pid: int) -> None:
+        self.call(self.kernel.kill(pid))
+
+    def resume(self, pid: int) -> int:
+        return self.call(self.kernel.resume(pid))
+
+    def ps(self) -> list[ProcessInfo]:
+        return self.call(_now(self.kernel.ps))
+
+    def log(self, pid: int) -> list[JournalEvent]:
+        return self.call(_now(lambda: self.kernel.log(pid)))
+
+
+async def _now(fn: Callable[[], T]) -> T:
+    """Run a plain function on the kernel's thread, which owns the journal connection."""
+    return fn()

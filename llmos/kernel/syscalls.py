@@ -1,0 +1,231 @@
+"""Syscalls: everything a process can ask of the kernel. The table is at the bottom of this file.
+
+Each syscall names a pydantic model for its arguments, the capability it needs (a string, or a
+function of the arguments when it depends on them, like `tool:{name}`), the budgets it draws
+on (checked before it runs), and a handler. A handler returns an `Outcome`: a JSON-able value
+and the `Charge` it cost. The kernel does the rest (kernel.py `dispatch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmos.cpu.base import ChatRequest
+from llmos.kernel.process import Budget, Charge, Process
+
+if TYPE_CHECKING:
+    from llmos.kernel.kernel import Kernel
+
+
+class ErrorCode(StrEnum):
+    DENIED = "denied"  # the process lacks the capability
+    BUDGET = "budget"  # a budget is used up
+    INVALID_ARGS = "invalid_args"
+    UNKNOWN_SYSCALL = "unknown_syscall"
+    NOT_FOUND = "not_found"  # no such process, tool, ...
+    FAILED = "failed"  # the device or handler failed
+    CANCELLED = "cancelled"
+
+
+class SyscallError(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class SyscallFailed(Exception):
+    def __init__(self, name: str, error: SyscallError) -> None:
+        super().__init__(f"{name}: {error.message}")
+        self.error = error
+
+
+class Reply(BaseModel):
+    """What a syscall returns to the process; journaled as its result."""
+
+    ok: bool
+    value: Any = None
+    error: SyscallError | None = None
+
+    @classmethod
+    def fail(cls, code: ErrorCode, message: str) -> Reply:
+        return cls(ok=False, error=SyscallError(code=code, message=message))
+
+    def unwrap(self) -> Any:
+        """The value, or raise SyscallFailed: for programs that treat any error as fatal."""
+        if self.error is not None:
+            raise SyscallFailed("syscall", self.error)
+        return self.value
+
+
+@dataclass
+class Outcome:
+    value: Any = None
+    charge: Charge | None = None
+
+
+class HandlerError(Exception):
+    """Raised by a handler to fail the syscall with a specific code and a message for the caller."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- argument models ----------------------------------------------------------------------------
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoArgs(Args):
+    pass
+
+
+class SleepArgs(Args):
+    seconds: float = Field(ge=0, le=86_400)
+
+
+class SpawnArgs(Args):
+    program: str = Field(description="'module:function' of an async program")
+    name: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    capabilities: list[str] | None = Field(None, description="None inherits the parent's")
+    budget: Budget | None = None
+
+
+class PidArgs(Args):
+    pid: int
+
+
+class WaitArgs(Args):
+    pid: int
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class ChatArgs(ChatRequest):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="catalog name, .gguf path or openai:NAME; None = default")
+
+
+class ToolCallArgs(Args):
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class SandboxExecArgs(Args):
+    code: str
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+async def sys_noop(kernel: Kernel, proc: Process, args: NoArgs) -> Outcome:
+    return Outcome()
+
+
+async def sys_clock_now(kernel: Kernel, proc: Process, args: NoArgs) -> Outcome:
+    # Through the journal, so a resumed process sees the time it saw before the crash.
+    return Outcome(time.time())
+
+
+async def sys_sleep(kernel: Kernel, proc: Process, args: SleepArgs) -> Outcome:
+    await asyncio.sleep(args.seconds)
+    return Outcome()
+
+
+async def sys_spawn(kernel: Kernel, proc: Process, args: SpawnArgs) -> Outcome:
+    pid = await kernel.spawn(
+        args.program,
+        name=args.name,
+        args=args.args,
+        capabilities=args.capabilities,
+        budget=args.budget,
+        parent=proc.pid,
+    )
+    return Outcome(pid)
+
+
+async def sys_wait(kernel: Kernel, proc: Process, args: WaitArgs) -> Outcome:
+    info = await kernel.wait(args.pid, timeout_s=args.timeout_s)
+    return Outcome(info.model_dump(mode="json", include={"pid", "state", "result", "error"}))
+
+
+async def sys_kill(kernel: Kernel, proc: Process, args: PidArgs) -> Outcome:
+    if not kernel.is_descendant(args.pid, of=proc.pid):
+        raise HandlerError(ErrorCode.DENIED, f"process {args.pid} is not a child of process {proc.pid}")
+    await kernel.kill(args.pid)
+    return Outcome()
+
+
+async def sys_llm_chat(kernel: Kernel, proc: Process, args: ChatArgs) -> Outcome:
+    backend = await kernel.llm(args.model)
+    request = ChatRequest.model_validate(args.model_dump(exclude={"model"}))
+    request.session = str(proc.pid)  # per-process KV state in backends that keep it
+    remaining = proc.remaining_tokens()
+    if remaining is not None:
+        request.max_tokens = min(request.max_tokens or remaining, remaining)
+    async with kernel.scheduler.slot("llm", proc.info.priority):
+        result = await backend.chat(request, on_text=lambda text: proc.emit("text", {"text": text}))
+    usage = result.usage
+    charge = Charge(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        reused_prompt_tokens=usage.reused_prompt_tokens,
+        backend=result.backend or backend.name,
+    )
+    return Outcome(result.model_dump(mode="json"), charge)
+
+
+def tool_capability(kernel: Kernel, args: ToolCallArgs) -> str:
+    return kernel.tools.get(args.name).capability
+
+
+async def sys_tool_call(kernel: Kernel, proc: Process, args: ToolCallArgs) -> Outcome:
+    result = await kernel.call_tool(proc, args.name, args.arguments)
+    charge = Charge(tool_calls=1, sandbox_cpu_s=result.sandbox_cpu_s)
+    return Outcome(result.model_dump(mode="json"), charge)
+
+
+async def sys_sandbox_exec(kernel: Kernel, proc: Process, args: SandboxExecArgs) -> Outcome:
+    sandbox = await kernel.sandbox()
+    result = await sandbox.exec(str(proc.pid), args.code)
+    return Outcome(result.model_dump(mode="json"), Charge(sandbox_cpu_s=result.cpu_s))
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+Handler = Callable[["Kernel", Process, Any], Awaitable[Outcome]]
+CapabilityOf = Callable[["Kernel", Any], str]
+
+
+@dataclass(frozen=True)
+class Syscall:
+    name: str
+    args: type[BaseModel]
+    capability: str | CapabilityOf | None  # None: every process may make it
+    budgets: tuple[str, ...]  # budgets checked before it runs (wall time is always checked)
+    handler: Handler
+
+
+TABLE: dict[str, Syscall] = {
+    s.name: s
+    for s in [
+        #       name            args             capability       budgets                        handler
+        Syscall("noop",         NoArgs,          None,            (),                            sys_noop),
+        Syscall("clock.now",    NoArgs,          None,            (),                            sys_clock_now),
+        Syscall("sleep",        SleepArgs,       None,            (),                            sys_sleep),
+        Syscall("proc.spawn",   SpawnArgs,       "proc.spawn",    (),                            sys_spawn),
+        Syscall("proc.wait",    WaitArgs,        None,            (),                            sys_wait),
+        Syscall("proc.kill",    PidArgs,         None,            (),                            sys_kill),
+        Syscall("llm.chat",     ChatArgs,        "llm",           ("tokens",),                   sys_llm_chat),
+        Syscall("tool.call",    ToolCallArgs,    tool_capability, ("tool_calls", "sandbox_cpu_s"), sys_tool_call),
+        Syscall("sandbox.exec", SandboxExecArgs, "sandbox",       ("sandbox_cpu_s",),            sys_sandbox_exec),
+    ]
+}  # fmt: skip

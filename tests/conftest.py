@@ -1,0 +1,16 @@
+"""Every test gets its own LLMOS_HOME and no user config; model files stay in the shared cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def llmos_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "llmos-home"
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    monkeypatch.setenv("LLMOS_CONFIG", str(tmp_path / "no-config.toml"))
+    yield home
