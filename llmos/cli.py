@@ -50,7 +50,9 @@ def _config() -> Config:
 
 def _open_journal(config: Config) -> Journal:
     if not config.journal_path.exists():
-        err.print(f"No journal at {config.journal_path} yet: no process has run with LLMOS_HOME={config.home}.")
+        err.print(
+            f"No journal at {config.journal_path} yet: no process has run with LLMOS_HOME={config.home}."
+        )
         raise typer.Exit(1)
     return Journal(config.journal_path)
 
@@ -64,7 +66,9 @@ def _shown_state(config: Config, journal: Journal, info: ProcessInfo) -> str:
 
 
 @app.command()
-def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished processes.")] = False) -> None:
+def ps(
+    show_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished processes.")] = False,
+) -> None:
     """List processes: state, tokens, tool calls and time used."""
     config = _config()
     journal = _open_journal(config)
@@ -108,13 +112,19 @@ def trace_lines(events: list[JournalEvent]) -> list[str]:
             call = calls.get(event.seq)
             args = ", ".join(f"{k}={_short(v, 60)}" for k, v in (call.data["args"] if call else {}).items())
             reply = event.data["reply"]
-            outcome = f"ok {_short(reply['value'])}" if reply["ok"] else f"error[{reply['error']['code']}] {reply['error']['message']}"
+            outcome = (
+                f"ok {_short(reply['value'])}"
+                if reply["ok"]
+                else f"error[{reply['error']['code']}] {reply['error']['message']}"
+            )
             took = f"<{(event.ts - call.ts) * 1000:.1f}ms>" if call else ""
             lines.append(f"{offset}  #{event.seq} {event.name}({args}) = {outcome} {took}")
-    unfinished = set(calls) - {event.seq for event in events if event.kind == "result"}
+    unfinished = {seq for seq in calls if seq is not None} - {e.seq for e in events if e.kind == "result"}
     for seq in sorted(unfinished):
         call = calls[seq]
-        lines.append(f"+{call.ts - start:8.3f}s  #{seq} {call.name}({_short(call.data['args'])}) = ? <no result>")
+        lines.append(
+            f"+{call.ts - start:8.3f}s  #{seq} {call.name}({_short(call.data['args'])}) = ? <no result>"
+        )
     return lines
 
 

@@ -154,7 +154,9 @@ def load_config(env: dict[str, str] | None = None, **overrides: Any) -> Config:
     return config
 
 
-def _explain(exc: ValidationError, data: dict[str, Any], env_sources: dict[tuple[str, ...], str], path: Path) -> str:
+def _explain(
+    exc: ValidationError, data: dict[str, Any], env_sources: dict[tuple[str, ...], str], path: Path
+) -> str:
     error = exc.errors()[0]
     loc = tuple(str(part) for part in error["loc"])
     key = ".".join(loc)

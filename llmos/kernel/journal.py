@@ -108,18 +108,29 @@ class Journal:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(f"UPDATE processes SET {assignments} WHERE pid = ?", (*columns.values(), pid))
-            self._append(pid, "state", None, None, {"state": state.value, "error": fields.get("error")})
+            self._append(
+                pid, "state", None, None, json.dumps({"state": state.value, "error": fields.get("error")})
+            )
 
-    def record_call(self, pid: int, seq: int, name: str, args: dict[str, Any]) -> None:
-        self._append(pid, "call", seq, name, {"args": args})
+    def record_call(self, pid: int, seq: int, name: str, args_json: str) -> None:
+        self._append(pid, "call", seq, name, f'{{"args": {args_json}}}')
 
     def record_result(self, pid: int, seq: int, name: str, data: dict[str, Any]) -> None:
-        self._append(pid, "result", seq, name, data)
+        self._append(pid, "result", seq, name, json.dumps(data, default=str))
 
-    def _append(self, pid: int, kind: EventKind, seq: int | None, name: str | None, data: dict[str, Any]) -> None:
+    def record_call_and_result(
+        self, pid: int, seq: int, name: str, args_json: str, data: dict[str, Any]
+    ) -> None:
+        """Both events of a syscall that finished at once, in one transaction (one commit, not two)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.record_call(pid, seq, name, args_json)
+            self.record_result(pid, seq, name, data)
+
+    def _append(self, pid: int, kind: EventKind, seq: int | None, name: str | None, data_json: str) -> None:
         self.db.execute(
             "INSERT INTO events (ts, pid, kind, seq, name, data) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), pid, kind, seq, name, json.dumps(data, default=str)),
+            (time.time(), pid, kind, seq, name, data_json),
         )
 
     # --- reads --------------------------------------------------------------------------------
@@ -180,7 +191,8 @@ class Journal:
         return row[0] if row else None
 
     def events(self, pid: int | None = None, kinds: tuple[EventKind, ...] = ()) -> list[JournalEvent]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if pid is not None:
             clauses.append("pid = ?")
             params.append(pid)

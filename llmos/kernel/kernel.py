@@ -96,12 +96,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _digest(name: str, args: Mapping[str, Any]) -> str:
-    """Fingerprint of a call, to check that a resumed program repeats the journaled calls."""
-    text = json.dumps([name, args], sort_keys=True, default=_jsonable)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "arguments"
@@ -200,7 +194,9 @@ class Kernel:
         sync.call(self.boot())
         return sync
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         assert self._portal is not None
         loop, thread = self._portal
         try:
@@ -229,7 +225,11 @@ class Kernel:
         Capabilities are glob patterns ("llm", "tool:*"); None means all ("*") for a top-level
         process and the parent's for a child, which may never get more than its parent has.
         """
-        fn, ref = (import_program(program), program) if isinstance(program, str) else (program, program_ref(program))
+        fn, ref = (
+            (import_program(program), program)
+            if isinstance(program, str)
+            else (program, program_ref(program))
+        )
         parent_info = self._live[parent].info if parent is not None and parent in self._live else None
         if parent is not None and parent_info is None:
             raise KernelError(f"Parent process {parent} is not running in this kernel.")
@@ -238,7 +238,9 @@ class Kernel:
         if parent_info is not None:
             extra = [cap for cap in capabilities if not parent_info.allows(cap)]
             if extra:
-                raise HandlerError(ErrorCode.DENIED, f"a child cannot get capabilities its parent lacks: {extra}")
+                raise HandlerError(
+                    ErrorCode.DENIED, f"a child cannot get capabilities its parent lacks: {extra}"
+                )
         info = ProcessInfo(
             pid=0,
             ppid=parent,
@@ -279,7 +281,12 @@ class Kernel:
             self.journal.set_state(
                 proc.pid, state, result=result, error=error, ended_at=ended_at, wall_time_s=wall_time
             )
-        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = state, result, error, ended_at
+        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = (
+            state,
+            result,
+            error,
+            ended_at,
+        )
         proc.info.usage.wall_time_s = wall_time
         self._live.pop(proc.pid, None)
         proc.finished.set()
@@ -307,7 +314,9 @@ class Kernel:
             return proc.info
         info = self.process(pid)
         if info.state == State.INTERRUPTED:
-            raise KernelError(f"Process {pid} was interrupted when its kernel died; resume it with resume({pid}).")
+            raise KernelError(
+                f"Process {pid} was interrupted when its kernel died; resume it with resume({pid})."
+            )
         if not info.state.finished:
             raise KernelError(f"Process {pid} runs in another kernel; wait for it there.")
         return info
@@ -338,7 +347,9 @@ class Kernel:
             return pid
         info = self.process(pid)
         if info.state != State.INTERRUPTED:
-            raise KernelError(f"Process {pid} is {info.state.value}; only an interrupted process can be resumed.")
+            raise KernelError(
+                f"Process {pid} is {info.state.value}; only an interrupted process can be resumed."
+            )
         if info.program is None:
             raise KernelError(
                 f"Process {pid} cannot be resumed: its program is not importable (a lambda or nested "
@@ -362,7 +373,9 @@ class Kernel:
         return info
 
     def ps(self) -> list[ProcessInfo]:
-        return [self.process(info.pid) if info.pid in self._live else info for info in self.journal.processes()]
+        return [
+            self.process(info.pid) if info.pid in self._live else info for info in self.journal.processes()
+        ]
 
     def log(self, pid: int) -> list[JournalEvent]:
         return self.journal.events(pid)
@@ -379,53 +392,67 @@ class Kernel:
 
     async def dispatch(self, proc: Process, name: str, args: dict[str, Any]) -> Reply:
         seq = proc.next_seq()
-        digest = _digest(name, args)
+        args_json = json.dumps(args, sort_keys=True, default=_jsonable)
+        digest = hashlib.sha1(f"{name}{args_json}".encode()).hexdigest()[:16]
         journaled = proc.replayed(seq)
         if journaled is not None:
-            if journaled.get("digest") != digest or journaled["name"] != name:
+            if journaled.get("digest") != digest:
                 raise ProcessDiverged(
                     f"on resume, syscall #{seq} was {name} but the journal recorded {journaled['name']} "
                     "with other arguments: the program must make the same calls when replayed"
                 )
             return Reply.model_validate(journaled["reply"])
-        self.journal.record_call(proc.pid, seq, name, json.loads(json.dumps(args, default=_jsonable)))
         syscall = TABLE.get(name)
+        if syscall is not None and syscall.waits:
+            # Journaled before it runs: after a crash, `llmos log` shows what was in flight.
+            self.journal.record_call(proc.pid, seq, name, args_json)
         if syscall is None:
-            reply, charge = Reply.fail(ErrorCode.UNKNOWN_SYSCALL, f"unknown syscall {name!r}"), Charge()
+            reply, charge = Reply.fail(ErrorCode.UNKNOWN_SYSCALL, f"unknown syscall {name!r}"), None
         else:
             reply, charge = await self._execute(proc, syscall, args)
-        result = {"reply": reply.model_dump(mode="json"), "charge": charge.model_dump(), "digest": digest}
-        self.journal.record_result(proc.pid, seq, name, result)
-        proc.info.usage.add(charge)
+        result: dict[str, Any] = {"reply": reply.model_dump(mode="json"), "digest": digest}
+        if charge is not None:
+            result["charge"] = charge.model_dump(exclude_defaults=True)
+            proc.info.usage.add(charge)
+        else:
+            proc.info.usage.syscalls += 1
+        if syscall is not None and syscall.waits:
+            self.journal.record_result(proc.pid, seq, name, result)
+        else:
+            self.journal.record_call_and_result(proc.pid, seq, name, args_json, result)
         return reply
 
-    async def _execute(self, proc: Process, syscall: Syscall, raw_args: dict[str, Any]) -> tuple[Reply, Charge]:
+    async def _execute(
+        self, proc: Process, syscall: Syscall, raw_args: dict[str, Any]
+    ) -> tuple[Reply, Charge | None]:
         try:
             args = syscall.args.model_validate(raw_args)
         except ValidationError as exc:
-            return Reply.fail(ErrorCode.INVALID_ARGS, f"{syscall.name}: {_first_error(exc)}"), Charge()
+            return Reply.fail(ErrorCode.INVALID_ARGS, f"{syscall.name}: {_first_error(exc)}"), None
         try:
-            capability = syscall.capability(self, args) if callable(syscall.capability) else syscall.capability
+            capability = (
+                syscall.capability(self, args) if callable(syscall.capability) else syscall.capability
+            )
         except UnknownTool as exc:
-            return Reply.fail(ErrorCode.NOT_FOUND, str(exc)), Charge()
+            return Reply.fail(ErrorCode.NOT_FOUND, str(exc)), None
         if capability is not None and not proc.info.allows(capability):
             message = f"process {proc.pid} ({proc.info.name}) lacks the capability {capability!r}"
-            return Reply.fail(ErrorCode.DENIED, message), Charge()
+            return Reply.fail(ErrorCode.DENIED, message), None
         proc.info.usage.wall_time_s = proc.wall_time()
         budget = proc.info.budget.model_dump(include={*syscall.budgets, "wall_time_s"})
         reason = exhausted(Budget.model_validate(budget), proc.info.usage)
         if reason is not None:
-            return Reply.fail(ErrorCode.BUDGET, f"{syscall.name} refused: {reason}"), Charge()
+            return Reply.fail(ErrorCode.BUDGET, f"{syscall.name} refused: {reason}"), None
         try:
             outcome: Outcome = await syscall.handler(self, proc, args)
         except HandlerError as exc:
-            return Reply.fail(exc.code, str(exc)), Charge()
+            return Reply.fail(exc.code, str(exc)), None
         except (KernelError, TimeoutError) as exc:
-            return Reply.fail(ErrorCode.FAILED, str(exc) or type(exc).__name__), Charge()
+            return Reply.fail(ErrorCode.FAILED, str(exc) or type(exc).__name__), None
         except Exception as exc:  # a device failed: the process gets an error, the kernel goes on
             log.warning("syscall %s of process %s failed", syscall.name, proc.pid, exc_info=True)
-            return Reply.fail(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}"), Charge()
-        return Reply(ok=True, value=outcome.value), outcome.charge or Charge()
+            return Reply.fail(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}"), None
+        return Reply(ok=True, value=outcome.value), outcome.charge
 
     # --- devices ------------------------------------------------------------------------------------
 
@@ -453,7 +480,9 @@ class Kernel:
 
     async def call_tool(self, proc: Process, name: str, arguments: dict[str, Any] | str) -> ToolResult:
         tool = self.tools.get(name)
-        context = ToolContext(pid=proc.pid, workspace=self.workspace(proc.pid), secrets=self.secrets, process=proc)
+        context = ToolContext(
+            pid=proc.pid, workspace=self.workspace(proc.pid), secrets=self.secrets, process=proc
+        )
         return await tool.invoke(arguments, context)
 
 

@@ -155,8 +155,8 @@ class Process:
             return None
         return max(0, self.info.budget.tokens - self.info.usage.tokens)
 
-    async def syscall(self, name: str, **args: Any) -> Reply:
-        return await self.kernel.dispatch(self, name, args)
+    async def syscall(self, call: str, /, **args: Any) -> Reply:
+        return await self.kernel.dispatch(self, call, args)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Tell whoever watches this process (CLI, shell, an embedding app) what just happened."""

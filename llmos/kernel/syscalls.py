@@ -212,20 +212,21 @@ class Syscall:
     capability: str | CapabilityOf | None  # None: every process may make it
     budgets: tuple[str, ...]  # budgets checked before it runs (wall time is always checked)
     handler: Handler
+    waits: bool = True  # may take a while: its call is journaled (committed) before it runs
 
 
 TABLE: dict[str, Syscall] = {
     s.name: s
     for s in [
-        #       name            args             capability       budgets                        handler
-        Syscall("noop",         NoArgs,          None,            (),                            sys_noop),
-        Syscall("clock.now",    NoArgs,          None,            (),                            sys_clock_now),
-        Syscall("sleep",        SleepArgs,       None,            (),                            sys_sleep),
-        Syscall("proc.spawn",   SpawnArgs,       "proc.spawn",    (),                            sys_spawn),
-        Syscall("proc.wait",    WaitArgs,        None,            (),                            sys_wait),
-        Syscall("proc.kill",    PidArgs,         None,            (),                            sys_kill),
-        Syscall("llm.chat",     ChatArgs,        "llm",           ("tokens",),                   sys_llm_chat),
+        #       name            args             capability       budgets checked first     handler
+        Syscall("noop",         NoArgs,          None,            (),                       sys_noop, waits=False),
+        Syscall("clock.now",    NoArgs,          None,            (),                       sys_clock_now, waits=False),
+        Syscall("sleep",        SleepArgs,       None,            (),                       sys_sleep),
+        Syscall("proc.spawn",   SpawnArgs,       "proc.spawn",    (),                       sys_spawn),
+        Syscall("proc.wait",    WaitArgs,        None,            (),                       sys_wait),
+        Syscall("proc.kill",    PidArgs,         None,            (),                       sys_kill),
+        Syscall("llm.chat",     ChatArgs,        "llm",           ("tokens",),              sys_llm_chat),
         Syscall("tool.call",    ToolCallArgs,    tool_capability, ("tool_calls", "sandbox_cpu_s"), sys_tool_call),
-        Syscall("sandbox.exec", SandboxExecArgs, "sandbox",       ("sandbox_cpu_s",),            sys_sandbox_exec),
+        Syscall("sandbox.exec", SandboxExecArgs, "sandbox",       ("sandbox_cpu_s",),       sys_sandbox_exec),
     ]
 }  # fmt: skip

@@ -1,0 +1,57 @@
+# The two commands: `make run` and `make test`. Each sets up everything it needs first:
+# the virtualenv, the Python packages (pip's wheel cache is kept between runs), the Debian
+# packages the sandbox needs, and the model files (kept in ~/.cache/llmos/models).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+LLMOS := $(VENV)/bin/llmos
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# llama-cpp-python compiles from source; the multimodal part is not used and costs a quarter of the build.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
+.PHONY: run test setup python-deps system-deps models lint typecheck bench clean
+
+run: setup
+	$(PY) examples/hello_kernel.py
+
+test: setup lint typecheck
+	$(PY) -m pytest -q
+
+setup: system-deps python-deps models
+
+$(PY):
+	@echo "==> creating $(VENV)"
+	python3 -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@echo "==> installing llmos and its dependencies (the first run compiles llama-cpp-python: about 5 minutes)"
+	$(PY) -m pip install --progress-bar on -e ".[all,dev]"
+	touch $@
+
+python-deps: $(VENV)/.installed
+
+system-deps:
+	@missing=""; \
+	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	if [ -n "$$missing" ]; then \
+		echo "==> installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+models: python-deps
+	$(LLMOS) models pull smollm2-135m-instruct
+	$(LLMOS) models pull qwen2.5-coder-0.5b-instruct
+	$(LLMOS) models pull all-minilm-l6-v2
+
+lint: python-deps
+	$(VENV)/bin/ruff check llmos tests bench examples
+
+typecheck: python-deps
+	$(VENV)/bin/mypy
+
+bench: setup
+	@for script in bench/*.py; do echo "==> $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
