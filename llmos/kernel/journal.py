@@ -215,6 +215,29 @@ class Journal:
         ).fetchall()
         return {seq: {"name": name, **json.loads(data)} for seq, name, data in rows}
 
+    def undelivered_messages(self, pid: int) -> list[dict[str, Any]]:
+        """Messages sent to `pid` (journaled sends) that its journaled receives have not taken."""
+        sent = self.db.execute(
+            """SELECT json_extract(r.data, '$.reply.value'), c.pid, c.data, c.ts
+               FROM events c JOIN events r ON r.pid = c.pid AND r.seq = c.seq AND r.kind = 'result'
+               WHERE c.kind = 'call' AND c.name = 'msg.send' AND json_extract(c.data, '$.args.to') = ?
+                 AND json_extract(r.data, '$.reply.ok') ORDER BY c.id""",
+            (pid,),
+        ).fetchall()
+        taken = {
+            row[0]
+            for row in self.db.execute(
+                """SELECT json_extract(data, '$.reply.value.id') FROM events
+                   WHERE pid = ? AND kind = 'result' AND name IN ('msg.recv', 'msg.wait')""",
+                (pid,),
+            )
+        }
+        return [
+            {"id": id_, "sender": sender, "body": json.loads(call)["args"]["body"], "sent_at": ts}
+            for id_, sender, call, ts in sent
+            if id_ not in taken
+        ]
+
     def usage_by_pid(self, pids: list[int]) -> dict[int, Usage]:
         if not pids:
             return {}

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from llmos.config import Config, load_config
 from llmos.cpu.base import LLMBackend
 from llmos.kernel.journal import Journal, JournalEvent
+from llmos.kernel.mailbox import Mailboxes
 from llmos.kernel.process import Budget, Charge, Process, ProcessInfo, Program, State, exhausted
 from llmos.kernel.scheduler import Scheduler
 from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply, Syscall
@@ -121,6 +122,7 @@ class Kernel:
         self._sandbox = sandbox
         self._device_lock = asyncio.Lock()
         self._live: dict[int, Process] = {}
+        self.mailboxes: Mailboxes
         self._journal: Journal | None = None
         self._lock_file: IO[str] | None = None
         self.boot_id = uuid.uuid4().hex[:12]
@@ -143,6 +145,7 @@ class Kernel:
         self._lock_file = (self.run_dir / f"{self.boot_id}.lock").open("w")
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         self._journal = Journal(self.config.journal_path, self.config.journal.synchronous)
+        self.mailboxes = Mailboxes(self._journal)
         self._journal.record_boot(self.boot_id, os.getpid())
         self._find_interrupted()
 
@@ -359,6 +362,7 @@ class Kernel:
         for child in self.journal.children(pid):  # the parent's replayed spawns refer to them
             if child.state == State.INTERRUPTED:
                 await self.resume(child.pid)
+        self.mailboxes.rebuild(pid)
         self._start(info, fn, replay=self.journal.completed_results(pid))
         return pid
 

@@ -123,6 +123,16 @@ class SandboxExecArgs(Args):
     code: str
 
 
+class SendArgs(Args):
+    to: int
+    body: Any
+
+
+class ReceiveArgs(Args):
+    sender: int | None = Field(None, description="only a message from this pid")
+    timeout_s: float | None = Field(None, ge=0, description="msg.wait: None waits until one comes")
+
+
 # --- handlers -------------------------------------------------------------------------------------
 
 
@@ -199,6 +209,23 @@ async def sys_sandbox_exec(kernel: Kernel, proc: Process, args: SandboxExecArgs)
     return Outcome(result.model_dump(mode="json"), Charge(sandbox_cpu_s=result.cpu_s))
 
 
+async def sys_send(kernel: Kernel, proc: Process, args: SendArgs) -> Outcome:
+    target = kernel.journal.process(args.to)
+    if target is None or target.state.finished:
+        raise HandlerError(ErrorCode.NOT_FOUND, f"process {args.to} does not exist or has ended")
+    return Outcome(kernel.mailboxes.send(proc.pid, args.to, args.body))
+
+
+async def sys_receive(kernel: Kernel, proc: Process, args: ReceiveArgs) -> Outcome:
+    message = kernel.mailboxes.take(proc.pid, args.sender)
+    return Outcome(message.model_dump(mode="json") if message else None)
+
+
+async def sys_wait_message(kernel: Kernel, proc: Process, args: ReceiveArgs) -> Outcome:
+    message = await kernel.mailboxes.wait(proc.pid, args.sender, args.timeout_s)
+    return Outcome(message.model_dump(mode="json") if message else None)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 Handler = Callable[["Kernel", Process, Any], Awaitable[Outcome]]
@@ -228,5 +255,8 @@ TABLE: dict[str, Syscall] = {
         Syscall("llm.chat",     ChatArgs,        "llm",           ("tokens",),              sys_llm_chat),
         Syscall("tool.call",    ToolCallArgs,    tool_capability, ("tool_calls", "sandbox_cpu_s"), sys_tool_call),
         Syscall("sandbox.exec", SandboxExecArgs, "sandbox",       ("sandbox_cpu_s",),       sys_sandbox_exec),
+        Syscall("msg.send",     SendArgs,        "msg",           (),                       sys_send, waits=False),
+        Syscall("msg.recv",     ReceiveArgs,     None,            (),                       sys_receive, waits=False),
+        Syscall("msg.wait",     ReceiveArgs,     None,            (),                       sys_wait_message),
     ]
 }  # fmt: skip

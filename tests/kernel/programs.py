@@ -41,3 +41,36 @@ async def parent_of_sleepers(proc: Process, children: int) -> None:
 
 async def sleeper(proc: Process) -> None:
     await proc.syscall("sleep", seconds=3600)
+
+
+async def ping_pong(proc: Process, rounds: int) -> list[int]:
+    """Spawn an echo child, send it numbers, and collect what comes back."""
+    child = (await proc.syscall("proc.spawn", program=f"{__name__}:echo")).unwrap()
+    answers = []
+    for number in range(rounds):
+        (await proc.syscall("msg.send", to=child, body={"n": number})).unwrap()
+        reply = (await proc.syscall("msg.wait", sender=child, timeout_s=30)).unwrap()
+        answers.append(reply["body"]["n"])
+    (await proc.syscall("msg.send", to=child, body={"n": -1})).unwrap()
+    await proc.syscall("proc.wait", pid=child)
+    return answers
+
+
+async def echo(proc: Process) -> int:
+    """Answer every message with the same body plus one, until a negative number comes."""
+    handled = 0
+    while True:
+        message = (await proc.syscall("msg.wait")).unwrap()
+        if message["body"]["n"] < 0:
+            return handled
+        handled += 1
+        await proc.syscall("msg.send", to=message["sender"], body={"n": message["body"]["n"] + 1})
+
+
+async def inbox_reader(proc: Process, expected: int) -> list[str]:
+    """Wait until `expected` messages came, taking them one by one."""
+    bodies = []
+    while len(bodies) < expected:
+        message = (await proc.syscall("msg.wait")).unwrap()
+        bodies.append(message["body"])
+    return bodies
