@@ -1,0 +1,126 @@
+"""The agent loop: a program on the kernel that asks the model for an action, runs it, and repeats.
+
+Every step is one `llm.chat` syscall that must answer with a tool call, then one `tool.call`
+syscall per call. The answer is itself a tool call (`final_answer`), so a small model under
+constrained decoding always produces a well-formed action. "Code actions" are the same loop
+with the `python` tool: the model writes code that runs in the sandbox, REPL-style.
+
+The loop ends on an answer, a used-up budget, the step limit, or a kill. Each step emits
+events (step, tool_call, tool_result, answer, error) that the CLI, the shell and embedding
+apps all consume the same way. Because every action is a syscall, a resumed agent replays its
+journaled steps and carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from llmos.cpu.base import ChatResult, Message, ToolSpec
+from llmos.kernel.process import Process
+from llmos.kernel.syscalls import ErrorCode, Reply
+
+FINAL_ANSWER = ToolSpec(
+    name="final_answer",
+    description="Give the final answer to the task. Call it once you know the answer.",
+    parameters={
+        "type": "object",
+        "properties": {"answer": {"type": "string", "description": "the answer, complete and exact"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    },
+)
+
+EventKind = Literal["step", "tool_call", "tool_result", "answer", "error"]
+
+
+class AgentSpec(BaseModel):
+    """Everything that defines an agent run; JSON, so a resumed process can rebuild it."""
+
+    name: str = "agent"
+    instructions: str = (
+        "You are a careful assistant. Use the tools to find the answer, then call final_answer."
+    )
+    tools: list[str] = Field(default_factory=list, description="tool names in the kernel's registry")
+    model: str | None = None
+    max_steps: int = Field(10, ge=1)
+    max_tokens_per_step: int = Field(512, ge=16)
+    temperature: float = 0.0
+
+
+class AgentStopped(Exception):
+    """The run ended without an answer: budget, step limit, or a device the user must fix."""
+
+
+def event(proc: Process, kind: EventKind, step: int, **data: Any) -> None:
+    proc.emit("agent", {"event": kind, "step": step, **data})
+
+
+def observation(reply: Reply) -> str:
+    if reply.ok:
+        result = reply.value
+        if isinstance(result, dict) and "ok" in result:  # a ToolResult
+            shown = result["content"] if result["ok"] else {"error": result["error"]}
+            if result.get("untrusted"):
+                shown = {"untrusted_data": shown}  # data from outside: not instructions
+            return json.dumps(shown, default=str)
+        return json.dumps(result, default=str)
+    assert reply.error is not None
+    return json.dumps({"error": reply.error.message})
+
+
+async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
+    """The agent program: `kernel.spawn(run_agent, args={"spec": ..., "task": ...})`."""
+    agent = AgentSpec.model_validate(spec)
+    tools = [*proc.kernel.tools.specs(agent.tools), FINAL_ANSWER]
+    names = ", ".join(t.name for t in tools)
+    messages = [Message(role="system", content=agent.instructions), Message(role="user", content=task)]
+
+    for step in range(1, agent.max_steps + 1):
+        event(proc, "step", step)
+        reply = await proc.syscall(
+            "llm.chat",
+            messages=messages,
+            tools=tools,
+            tool_choice="required",
+            max_tokens=agent.max_tokens_per_step,
+            temperature=agent.temperature,
+            model=agent.model,
+        )
+        if reply.error is not None:
+            event(proc, "error", step, message=reply.error.message)
+            raise AgentStopped(f"the model call failed: {reply.error.message}")
+        result = ChatResult.model_validate(reply.value)
+        messages.append(Message(role="assistant", content=result.text, tool_calls=result.tool_calls))
+        if not result.tool_calls:
+            problem = f"Your reply was not a tool call. Answer with exactly one call to one of: {names}."
+            event(proc, "error", step, message="the model did not call a tool", text=result.text[:200])
+            messages.append(Message(role="user", content=problem))
+            continue
+
+        for call in result.tool_calls:
+            if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
+                answer = str(call.arguments["answer"])
+                event(proc, "answer", step, answer=answer)
+                return answer
+            event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)
+            outcome = await proc.syscall("tool.call", name=call.name, arguments=call.arguments)
+            if outcome.error is not None and outcome.error.code == ErrorCode.BUDGET:
+                event(proc, "error", step, message=outcome.error.message)
+                raise AgentStopped(outcome.error.message)
+            seen = observation(outcome)
+            event(
+                proc,
+                "tool_result",
+                step,
+                tool=call.name,
+                ok=outcome.ok and outcome.value.get("ok"),
+                result=seen,
+            )
+            messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=seen))
+
+    message = f"no answer after {agent.max_steps} steps; raise max_steps or give a simpler task"
+    event(proc, "error", agent.max_steps, message=message)
+    raise AgentStopped(message)

@@ -1,0 +1,79 @@
+"""The agent loop's control flow, driven by a scripted fake LLM (named so: no model quality here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmos.agents.agent import AgentSpec, run_agent
+from llmos.config import load_config
+from llmos.cpu.base import ChatResult, ToolCall
+from llmos.cpu.scripted import ScriptedLLM
+from llmos.kernel import Budget, Kernel, State
+from llmos.tools.registry import tool
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: first number.
+        b: second number.
+    """
+    return a + b
+
+
+def call(name: str, **arguments: Any) -> ChatResult:
+    return ChatResult(tool_calls=[ToolCall(id=f"call-{name}", name=name, arguments=arguments)])
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    return AgentSpec(tools=["add"], **overrides).model_dump()
+
+
+async def test_the_agent_calls_a_tool_then_answers() -> None:
+    llm = ScriptedLLM([call("add", a=2, b=40), call("final_answer", answer="42")])
+    events: list[dict[str, Any]] = []
+    async with Kernel(load_config(), llm=llm) as kernel:
+        kernel.tools.register(add)
+        kernel.listeners.append(lambda kind, data: events.append(data) if kind == "agent" else None)
+        info = await kernel.run(run_agent, args={"spec": spec(), "task": "What is 2 + 40?"})
+    assert info.state == State.DONE and info.result == "42"
+    assert [e["event"] for e in events] == ["step", "tool_call", "tool_result", "step", "answer"]
+    assert events[2]["result"] == "42"
+    # The model saw the tool's result before answering.
+    assert llm.requests[1].messages[-1].role == "tool" and llm.requests[1].messages[-1].content == "42"
+    assert [t.name for t in llm.requests[0].tools] == ["add", "final_answer"]
+    assert llm.requests[0].tool_choice == "required"
+
+
+async def test_garbage_from_the_model_goes_back_as_observations_until_the_step_limit() -> None:
+    garbage = [
+        "I think the answer might be... {not json",  # not a tool call at all
+        call("nonexistent_tool", x=1),  # unknown tool
+        call("add", a="two", b=None),  # wrong types
+        call("add", a=1),  # missing argument
+        call("add", a=1, b=2, c=3),  # extra argument
+        call("final_answer"),  # an answer without the answer
+    ]
+    llm = ScriptedLLM(garbage)
+    async with Kernel(load_config(), llm=llm) as kernel:
+        kernel.tools.register(add)
+        info = await kernel.run(run_agent, args={"spec": spec(max_steps=6), "task": "Add 1 and 2."})
+    assert info.state == State.FAILED
+    assert info.error == "AgentStopped: no answer after 6 steps; raise max_steps or give a simpler task"
+    observations = [m.content for m in llm.requests[-1].messages if m.role in ("tool", "user")][1:]
+    assert "not a tool call" in observations[0]
+    assert "nonexistent_tool" in observations[1] and "add" in observations[1]
+    assert all("error" in text for text in observations[2:5])
+
+
+async def test_a_token_budget_ends_the_run_with_a_clear_error() -> None:
+    llm = ScriptedLLM([call("add", a=1, b=1)] * 10)
+    async with Kernel(load_config(), llm=llm) as kernel:
+        kernel.tools.register(add)
+        info = await kernel.run(
+            run_agent, args={"spec": spec(), "task": "Keep adding forever."}, budget=Budget(tokens=30)
+        )
+    assert info.state == State.FAILED
+    assert info.error is not None and "token budget of 30 used up" in info.error
