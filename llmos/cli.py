@@ -14,6 +14,7 @@ from llmos.config import Config, ConfigError, config_file_path, load_config
 from llmos.cpu.cli import app as models_app
 from llmos.kernel.journal import Journal, JournalEvent
 from llmos.kernel.kernel import boot_alive
+from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
@@ -137,6 +138,38 @@ def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos
         raise typer.Exit(1)
     for line in trace_lines(journal.events(pid)):
         out.print(line, markup=False, highlight=False)
+
+
+@app.command()
+def approvals() -> None:
+    """List the actions waiting for a person's approval."""
+    journal = _open_journal(_config())
+    table = Table("KEY", "PID", "TOOL", "RISK", "WHY", "ARGUMENTS", box=None)
+    for approval in Approvals(journal.db).pending():
+        table.add_row(
+            approval.key,
+            str(approval.pid),
+            approval.tool,
+            approval.risk,
+            approval.reason,
+            _short(approval.arguments, 60),
+        )
+    out.print(table)
+
+
+@app.command()
+def approve(
+    key: Annotated[str, typer.Argument(help="The approval's key, from `llmos approvals`.")],
+    deny: Annotated[bool, typer.Option("--deny", help="Decline instead of approving.")] = False,
+) -> None:
+    """Approve (or --deny) a pending action; the blocked process goes on, now or when resumed."""
+    journal = _open_journal(_config())
+    try:
+        approval = Approvals(journal.db).answer(key, approve=not deny)
+    except LookupError as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    out.print(f"{approval.state}: {approval.tool} of process {approval.pid}")
 
 
 @config_app.command("show")

@@ -76,6 +76,22 @@ class SandboxConfig(Section):
     limits: SandboxLimits = Field(default_factory=SandboxLimits)
 
 
+Decision = Literal["allow", "ask", "deny"]
+
+
+class PolicyConfig(Section):
+    """The autonomy slider: for each risk class of tool, run it, ask a person first, or refuse."""
+
+    read: Decision = "allow"
+    write: Decision = "allow"
+    network: Decision = "allow"
+    execute: Decision = "allow"
+    irreversible: Decision = "ask"
+    # After a tool returned untrusted content (web, API, another server), an execute or
+    # irreversible action may be an injected instruction: ask first unless this says otherwise.
+    after_untrusted: Decision = "ask"
+
+
 class MemoryConfig(Section):
     chroma_url: str | None = Field(None, description="http://host:port of a Chroma server; None embeds it")
     embedding_model: str = Field("all-minilm-l6-v2", description="catalog name of the offline embedder")
@@ -88,6 +104,7 @@ class Config(Section):
     journal: JournalConfig = Field(default_factory=JournalConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @property

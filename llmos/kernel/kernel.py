@@ -32,6 +32,7 @@ from llmos.config import Config, load_config
 from llmos.cpu.base import LLMBackend
 from llmos.kernel.journal import Journal, JournalEvent
 from llmos.kernel.mailbox import Mailboxes
+from llmos.kernel.policy import Approval, Approvals, decide
 from llmos.kernel.process import Budget, Charge, Process, ProcessInfo, Program, State, exhausted
 from llmos.kernel.scheduler import Scheduler
 from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply, Syscall
@@ -123,6 +124,7 @@ class Kernel:
         self._device_lock = asyncio.Lock()
         self._live: dict[int, Process] = {}
         self.mailboxes: Mailboxes
+        self.approvals: Approvals
         self._journal: Journal | None = None
         self._lock_file: IO[str] | None = None
         self.boot_id = uuid.uuid4().hex[:12]
@@ -146,6 +148,7 @@ class Kernel:
         fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         self._journal = Journal(self.config.journal_path, self.config.journal.synchronous)
         self.mailboxes = Mailboxes(self._journal)
+        self.approvals = Approvals(self._journal.db)
         self._journal.record_boot(self.boot_id, os.getpid())
         self._find_interrupted()
 
@@ -405,7 +408,9 @@ class Kernel:
                     f"on resume, syscall #{seq} was {name} but the journal recorded {journaled['name']} "
                     "with other arguments: the program must make the same calls when replayed"
                 )
-            return Reply.model_validate(journaled["reply"])
+            reply = Reply.model_validate(journaled["reply"])
+            self._note_untrusted(proc, name, reply)
+            return reply
         syscall = TABLE.get(name)
         if syscall is not None and syscall.waits:
             # Journaled before it runs: after a crash, `llmos log` shows what was in flight.
@@ -424,7 +429,18 @@ class Kernel:
             self.journal.record_result(proc.pid, seq, name, result)
         else:
             self.journal.record_call_and_result(proc.pid, seq, name, args_json, result)
+        self._note_untrusted(proc, name, reply)
         return reply
+
+    @staticmethod
+    def _note_untrusted(proc: Process, name: str, reply: Reply) -> None:
+        if (
+            name == "tool.call"
+            and reply.ok
+            and isinstance(reply.value, dict)
+            and reply.value.get("untrusted")
+        ):
+            proc.tainted = True
 
     async def _execute(
         self, proc: Process, syscall: Syscall, raw_args: dict[str, Any]
@@ -484,10 +500,31 @@ class Kernel:
 
     async def call_tool(self, proc: Process, name: str, arguments: dict[str, Any] | str) -> ToolResult:
         tool = self.tools.get(name)
+        decision, reason = decide(self.config.policy, tool.risk.value, after_untrusted=proc.tainted)
+        if decision == "deny":
+            raise HandlerError(
+                ErrorCode.DENIED, f"the policy denies {tool.risk.value} tools like {name} ({reason})"
+            )
+        if decision == "ask":
+            shown = arguments if isinstance(arguments, dict) else {"raw": arguments}
+            key = f"{proc.pid}:{proc.last_seq}"
+            self.journal.set_state(proc.pid, State.BLOCKED)
+            proc.info.state = State.BLOCKED
+            proc.emit("approval", {"key": key, "tool": name, "arguments": shown, "reason": reason})
+            approved = await self.approvals.ask(key, proc.pid, name, shown, tool.risk.value, reason)
+            self.journal.set_state(proc.pid, State.RUNNING)
+            proc.info.state = State.RUNNING
+            if not approved:
+                raise HandlerError(ErrorCode.DENIED, f"a person declined the call to {name}")
+            proc.tainted = False  # a person has looked at what the process is doing
         context = ToolContext(
             pid=proc.pid, workspace=self.workspace(proc.pid), secrets=self.secrets, process=proc
         )
         return await tool.invoke(arguments, context)
+
+    def approve(self, key: str, approve: bool = True) -> Approval:
+        """Answer a pending approval (`llmos approvals` lists them); the blocked process goes on."""
+        return self.approvals.answer(key, approve)
 
 
 class SyncKernel:
@@ -522,6 +559,12 @@ class SyncKernel:
 
     def resume(self, pid: int) -> int:
         return self.call(self.kernel.resume(pid))
+
+    def approve(self, key: str, approve: bool = True) -> Approval:
+        return self.call(_now(lambda: self.kernel.approve(key, approve)))
+
+    def pending_approvals(self) -> list[Approval]:
+        return self.call(_now(self.kernel.approvals.pending))
 
     def ps(self) -> list[ProcessInfo]:
         return self.call(_now(self.kernel.ps))

@@ -129,6 +129,7 @@ class Process:
         self.started = time.monotonic()
         self.wall_time_before = info.usage.wall_time_s  # from earlier runs, before a resume
         self._next_seq = 0
+        self.tainted = False  # a tool returned untrusted content since a person last approved
         self._replay = replay  # journaled results by syscall number: returned, not re-executed
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -138,6 +139,10 @@ class Process:
 
     def next_seq(self) -> int:
         self._next_seq += 1
+        return self._next_seq
+
+    @property
+    def last_seq(self) -> int:
         return self._next_seq
 
     def replayed(self, seq: int) -> dict[str, Any] | None:
