@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from llmos.agents import cli as agent_cli
 from llmos.config import Config, ConfigError, config_file_path, load_config
 from llmos.cpu.cli import app as models_app
 from llmos.kernel.journal import Journal, JournalEvent
@@ -19,6 +20,8 @@ from llmos.kernel.process import ProcessInfo, State
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.command()(agent_cli.run)
+app.command()(agent_cli.resume)
 config_app = typer.Typer(help="Show the configuration", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 

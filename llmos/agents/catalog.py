@@ -1,0 +1,41 @@
+"""The named agents `llmos run --agent NAME` knows, and the tools every kernel offers them."""
+
+from __future__ import annotations
+
+from llmos.agents.agent import AgentSpec
+from llmos.tools.files import file_tools
+from llmos.tools.python import python
+from llmos.tools.registry import Tool
+
+CODER = AgentSpec(
+    name="coder",
+    instructions=(
+        "You solve tasks by writing and running Python code with the `python` tool. "
+        "Always compute with code; never guess. print() the result you need. "
+        "When the output shows the answer, call final_answer with it, exactly as printed."
+    ),
+    tools=["python"],
+    max_steps=6,
+    max_tokens_per_step=384,
+)
+
+ASSISTANT = AgentSpec(
+    name="assistant",
+    instructions=(
+        "You are a careful assistant working in a private workspace. Use the tools to read and "
+        "write files and to compute; then call final_answer."
+    ),
+    tools=["python", "read_file", "write_file", "list_files"],
+)
+
+AGENTS: dict[str, AgentSpec] = {agent.name: agent for agent in (CODER, ASSISTANT)}
+
+
+def default_tools() -> list[Tool]:
+    return [python, *file_tools()]
+
+
+def agent_spec(name: str) -> AgentSpec:
+    if name not in AGENTS:
+        raise KeyError(f"No agent named {name!r}; the agents are: {', '.join(AGENTS)}.")
+    return AGENTS[name]

@@ -1,0 +1,61 @@
+"""How the CLI and the shell show what a process is doing: one renderer for both."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.syntax import Syntax
+
+
+class EventPrinter:
+    """Prints kernel events (streamed text, agent steps, approvals) of one process tree."""
+
+    def __init__(self, console: Console, pids: set[int] | None = None, stream_text: bool = True) -> None:
+        self.console = console
+        self.pids = pids  # None: every process
+        self.stream_text = stream_text
+        self._streaming = False
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if self.pids is not None and data.get("pid") not in self.pids:
+            return
+        if kind == "text" and self.stream_text:
+            self.console.print(data["text"], end="", style="dim", markup=False, highlight=False)
+            self._streaming = True
+            return
+        if self._streaming:
+            self.console.print()
+            self._streaming = False
+        if kind == "agent":
+            self._agent(data)
+        elif kind == "approval":
+            self.console.print(
+                f"[yellow]approval needed[/] [{data['key']}] {data['tool']}({_short(data['arguments'])}) "
+                f"because {data['reason']}: answer with /approve {data['key']} (or `llmos approve {data['key']}`)"
+            )
+
+    def _agent(self, data: dict[str, Any]) -> None:
+        event, step = data["event"], data["step"]
+        if event == "step":
+            self.console.rule(f"step {step}", style="dim")
+        elif event == "tool_call":
+            arguments = data["arguments"]
+            if data["tool"] == "python" and isinstance(arguments.get("code"), str):
+                self.console.print("[bold cyan]python[/]")
+                self.console.print(Syntax(arguments["code"], "python", theme="ansi_dark"))
+            else:
+                self.console.print(f"[bold cyan]{data['tool']}[/]({_short(arguments)})")
+        elif event == "tool_result":
+            style = "green" if data.get("ok") else "red"
+            self.console.print(f"[{style}]→[/] {_short(data['result'], 600)}", highlight=False)
+        elif event == "answer":
+            self.console.print(f"[bold green]answer:[/] {data['answer']}")
+        elif event == "error":
+            self.console.print(f"[red]error:[/] {data['message']}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
