@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -100,9 +101,9 @@ def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from
     _finish(_run_async(main))
 
 
-def _run_async(main: object) -> ProcessInfo:
+def _run_async(main: Callable[[], Coroutine[Any, Any, ProcessInfo]]) -> ProcessInfo:
     try:
-        return asyncio.run(main())  # type: ignore[operator]
+        return asyncio.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (KernelError, LLMError) as exc:
