@@ -31,9 +31,10 @@ class EventPrinter:
         if kind == "agent":
             self._agent(data)
         elif kind == "approval":
+            key = data["key"]
             self.console.print(
-                f"[yellow]approval needed[/] [{data['key']}] {data['tool']}({_short(data['arguments'])}) "
-                f"because {data['reason']}: answer with /approve {data['key']} (or `llmos approve {data['key']}`)"
+                f"[yellow]approval needed[/] [{key}] {data['tool']}({_short(data['arguments'])}) "
+                f"because {data['reason']}: answer with /approve {key} (or `llmos approve {key}`)"
             )
 
     def _agent(self, data: dict[str, Any]) -> None:
