@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from llmos import Kernel, Process
-from llmos.cli import trace_lines
+from llmos.kernel.trace import trace_lines
 
 console = Console()
 QUESTION = "In two sentences: what does an operating system kernel do?"

@@ -13,15 +13,18 @@ from rich.table import Table
 from llmos.agents import cli as agent_cli
 from llmos.config import Config, ConfigError, config_file_path, load_config
 from llmos.cpu.cli import app as models_app
-from llmos.kernel.journal import Journal, JournalEvent
+from llmos.kernel.journal import Journal
 from llmos.kernel.kernel import boot_alive
 from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
+from llmos.kernel.trace import short, trace_lines
+from llmos.shell import cli as shell_cli
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.command()(agent_cli.run)
 app.command()(agent_cli.resume)
+app.command()(shell_cli.shell)
 config_app = typer.Typer(help="Show the configuration", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -95,43 +98,6 @@ def ps(
     out.print(table)
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def trace_lines(events: list[JournalEvent]) -> list[str]:
-    """A process's syscalls as strace prints them: call, result, and how long it took."""
-    if not events:
-        return []
-    start = events[0].ts
-    calls = {event.seq: event for event in events if event.kind == "call"}
-    lines = []
-    for event in events:
-        offset = f"+{event.ts - start:8.3f}s"
-        if event.kind == "state":
-            error = f" ({event.data['error']})" if event.data.get("error") else ""
-            lines.append(f"{offset}  --- {event.data['state']}{error} ---")
-        elif event.kind == "result":
-            call = calls.get(event.seq)
-            args = ", ".join(f"{k}={_short(v, 60)}" for k, v in (call.data["args"] if call else {}).items())
-            reply = event.data["reply"]
-            outcome = (
-                f"ok {_short(reply['value'])}"
-                if reply["ok"]
-                else f"error[{reply['error']['code']}] {reply['error']['message']}"
-            )
-            took = f"<{(event.ts - call.ts) * 1000:.1f}ms>" if call else ""
-            lines.append(f"{offset}  #{event.seq} {event.name}({args}) = {outcome} {took}")
-    unfinished = {seq for seq in calls if seq is not None} - {e.seq for e in events if e.kind == "result"}
-    for seq in sorted(unfinished):
-        call = calls[seq]
-        lines.append(
-            f"+{call.ts - start:8.3f}s  #{seq} {call.name}({_short(call.data['args'])}) = ? <no result>"
-        )
-    return lines
-
-
 @app.command("log")
 def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos ps --all`.")]) -> None:
     """A process's syscall trace, like strace."""
@@ -155,7 +121,7 @@ def approvals() -> None:
             approval.tool,
             approval.risk,
             approval.reason,
-            _short(approval.arguments, 60),
+            short(approval.arguments, 60),
         )
     out.print(table)
 

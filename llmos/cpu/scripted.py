@@ -6,9 +6,11 @@ request. Usage is counted as whitespace-separated words, so budgets can be teste
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from llmos.cpu.base import ChatRequest, ChatResult, ModelInfo, TextCallback, Usage
+from llmos.cpu.base import ChatRequest, ChatResult, ModelInfo, TextCallback, ToolCall, Usage
 
 ScriptedReply = str | ChatResult | Callable[[ChatRequest], str | ChatResult]
 
@@ -20,6 +22,18 @@ class ScriptedLLM:
         self.replies = list(replies)
         self.requests: list[ChatRequest] = []
         self._info = ModelInfo(name="scripted", context_length=context_length, family="scripted")
+
+    @classmethod
+    def from_file(cls, path: Path) -> ScriptedLLM:
+        """Replies from a JSON list: a string is an answer; {"tool": NAME, "arguments": {...}} a tool call."""
+        replies: list[ScriptedReply] = []
+        for index, item in enumerate(json.loads(path.read_text())):
+            if isinstance(item, str):
+                replies.append(item)
+            else:
+                call = ToolCall(id=f"scripted-{index}", name=item["tool"], arguments=item.get("arguments", {}))
+                replies.append(ChatResult(text=json.dumps(item), tool_calls=[call], finish_reason="tool_calls"))
+        return cls(replies)
 
     @property
     def info(self) -> ModelInfo:
@@ -36,7 +50,7 @@ class ScriptedLLM:
         if callable(reply):
             reply = reply(request)
         result = reply if isinstance(reply, ChatResult) else ChatResult(text=reply)
-        if on_text is not None and result.text:
+        if on_text is not None and result.text:  # streamed word by word, like a real backend
             for piece in result.text.split(" "):
                 on_text(piece + " ")
         prompt = sum(self.count_tokens(message.content) for message in request.messages)

@@ -1,0 +1,42 @@
+"""`llmos shell`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from llmos.agents.catalog import AGENTS, agent_spec, default_tools
+from llmos.config import ConfigError, load_config
+from llmos.cpu.base import LLMError
+from llmos.kernel import Kernel
+from llmos.shell.repl import Shell
+
+
+def shell(
+    agent: Annotated[str, typer.Option(help=f"One of: {', '.join(AGENTS)}.")] = "coder",
+    model: Annotated[str | None, typer.Option(help="Catalog name, .gguf path or openai:NAME.")] = None,
+) -> None:
+    """An interactive shell: chat with an agent; /ps, /top, /kill, /log, /approve and more."""
+    console = Console()
+    try:
+        config = load_config()
+        spec = agent_spec(agent).model_copy(update={"model": model})
+    except (ConfigError, KeyError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+    async def main() -> None:
+        async with Kernel(config) as kernel:
+            kernel.tools.register(*default_tools())
+            with console.status(f"loading model {spec.model or config.llm.model}..."):
+                await kernel.llm(spec.model)
+            await Shell(kernel, console, spec).run()
+
+    try:
+        asyncio.run(main())
+    except LLMError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
