@@ -30,9 +30,9 @@ class ScriptedLLM:
         for index, item in enumerate(json.loads(path.read_text())):
             if isinstance(item, str):
                 replies.append(item)
-            else:
-                call = ToolCall(id=f"scripted-{index}", name=item["tool"], arguments=item.get("arguments", {}))
-                replies.append(ChatResult(text=json.dumps(item), tool_calls=[call], finish_reason="tool_calls"))
+                continue
+            call = ToolCall(id=f"scripted-{index}", name=item["tool"], arguments=item.get("arguments", {}))
+            replies.append(ChatResult(text=json.dumps(item), tool_calls=[call], finish_reason="tool_calls"))
         return cls(replies)
 
     @property
