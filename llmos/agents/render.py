@@ -34,7 +34,8 @@ class EventPrinter:
             key = data["key"]
             self.console.print(
                 f"[yellow]approval needed[/] [{key}] {data['tool']}({_short(data['arguments'])}) "
-                f"because {data['reason']}: answer with /approve {key} (or `llmos approve {key}`)"
+                f"because {data['reason']}: answer with /approve {key} (or `llmos approve {key}`)",
+                highlight=False,
             )
 
     def _agent(self, data: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ def shell(
     model: Annotated[str | None, typer.Option(help="Catalog name, .gguf path or openai:NAME.")] = None,
 ) -> None:
     """An interactive shell: chat with an agent; /ps, /top, /kill, /log, /approve and more."""
-    console = Console()
+    console = Console(highlight=False)
     try:
         config = load_config()
         spec = agent_spec(agent).model_copy(update={"model": model})
