@@ -2,10 +2,14 @@
 
 Each reply is a string (the answer text), a `ChatResult` (for tool calls), or a function of the
 request. Usage is counted as whitespace-separated words, so budgets can be tested exactly.
+With `by_turn=True` the reply is chosen by the number of assistant turns already in the
+request, not by call order: each conversation follows the script from its start, and a resumed
+process (whose earlier calls are replayed from the journal) gets the reply for its turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,22 +22,36 @@ ScriptedReply = str | ChatResult | Callable[[ChatRequest], str | ChatResult]
 class ScriptedLLM:
     name = "scripted"
 
-    def __init__(self, replies: Iterable[ScriptedReply], *, context_length: int = 4096) -> None:
+    def __init__(
+        self,
+        replies: Iterable[ScriptedReply],
+        *,
+        by_turn: bool = False,
+        delay_s: float = 0.0,
+        context_length: int = 4096,
+    ) -> None:
         self.replies = list(replies)
+        self.by_turn = by_turn
+        self.delay_s = delay_s  # seconds "generating" before each reply
         self.requests: list[ChatRequest] = []
         self._info = ModelInfo(name="scripted", context_length=context_length, family="scripted")
 
     @classmethod
     def from_file(cls, path: Path) -> ScriptedLLM:
-        """Replies from a JSON list: a string is an answer; {"tool": NAME, "arguments": {...}} a tool call."""
+        """Replies by turn from a JSON file: {"delay_s": 0.0, "replies": [...]} or just the list.
+
+        A string reply is an answer; {"tool": NAME, "arguments": {...}} is a tool call.
+        """
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {"replies": data}
         replies: list[ScriptedReply] = []
-        for index, item in enumerate(json.loads(path.read_text())):
+        for index, item in enumerate(data["replies"]):
             if isinstance(item, str):
                 replies.append(item)
                 continue
             call = ToolCall(id=f"scripted-{index}", name=item["tool"], arguments=item.get("arguments", {}))
             replies.append(ChatResult(text=json.dumps(item), tool_calls=[call], finish_reason="tool_calls"))
-        return cls(replies)
+        return cls(replies, by_turn=True, delay_s=float(data.get("delay_s", 0.0)))
 
     @property
     def info(self) -> ModelInfo:
@@ -44,9 +62,17 @@ class ScriptedLLM:
 
     async def chat(self, request: ChatRequest, on_text: TextCallback | None = None) -> ChatResult:
         self.requests.append(request)
-        if not self.replies:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.by_turn:
+            turn = sum(1 for message in request.messages if message.role == "assistant")
+            if turn >= len(self.replies):
+                raise RuntimeError(f"the scripted LLM has no reply for turn {turn}")
+            reply = self.replies[turn]
+        elif self.replies:
+            reply = self.replies.pop(0)
+        else:
             raise RuntimeError("the scripted LLM has no replies left")
-        reply = self.replies.pop(0)
         if callable(reply):
             reply = reply(request)
         result = reply if isinstance(reply, ChatResult) else ChatResult(text=reply)
