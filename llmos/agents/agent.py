@@ -33,6 +33,10 @@ FINAL_ANSWER = ToolSpec(
     },
 )
 
+NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answer now.)"
+NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
+REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
+
 EventKind = Literal["step", "tool_call", "tool_result", "answer", "error"]
 
 
@@ -83,6 +87,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     tools = [*proc.kernel.tools.specs(agent.tools), FINAL_ANSWER]
     names = ", ".join(t.name for t in tools)
     messages = [Message(role="system", content=agent.instructions), Message(role="user", content=task)]
+    calls_made: list[tuple[str, dict[str, Any]]] = []
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
@@ -117,15 +122,14 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 event(proc, "error", step, message=outcome.error.message)
                 raise AgentStopped(outcome.error.message)
             seen = observation(outcome)
-            event(
-                proc,
-                "tool_result",
-                step,
-                tool=call.name,
-                ok=outcome.ok and outcome.value.get("ok"),
-                result=seen,
-            )
-            messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=seen))
+            ok = bool(outcome.ok and outcome.value.get("ok"))
+            event(proc, "tool_result", step, tool=call.name, ok=ok, result=seen)
+            repeated = (call.name, call.arguments) in calls_made
+            calls_made.append((call.name, call.arguments))
+            # Small models tend to repeat a call that already worked: say what to do next.
+            hint = REPEATED if repeated else (NEXT_AFTER_SUCCESS if ok else NEXT_AFTER_ERROR)
+            content = f"{seen}\n\n{hint}"
+            messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))
 
     message = f"no answer after {agent.max_steps} steps; raise max_steps or give a simpler task"
     event(proc, "error", agent.max_steps, message=message)

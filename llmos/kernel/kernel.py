@@ -517,9 +517,8 @@ class Kernel:
             if not approved:
                 raise HandlerError(ErrorCode.DENIED, f"a person declined the call to {name}")
             proc.tainted = False  # a person has looked at what the process is doing
-        context = ToolContext(
-            pid=proc.pid, workspace=self.workspace(proc.pid), secrets=self.secrets, process=proc
-        )
+        secrets = {k: v for k, v in self.secrets.items() if k in tool.secret_names}  # only its own
+        context = ToolContext(pid=proc.pid, workspace=self.workspace(proc.pid), secrets=secrets, process=proc)
         return await tool.invoke(arguments, context)
 
     def approve(self, key: str, approve: bool = True) -> Approval:

@@ -1,0 +1,33 @@
+"""The coder: solves a task by writing Python that runs in the sandbox, on the default local model.
+
+Run: .venv/bin/python examples/coder.py "How many primes are there below 1000?"
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from llmos import Agent
+from llmos.agents.catalog import default_tools
+from llmos.agents.render import EventPrinter
+
+TASK = "What is the sum of all the prime numbers below 1000?"
+
+
+def main(task: str) -> int:
+    console = Console(highlight=False)
+    console.print(f"[bold]task:[/] {task}")
+    coder = Agent("coder", tools=default_tools()[:1])  # the python tool
+    result = coder.run(task, on_event=EventPrinter(console, stream_text=False))
+    console.print(f"[dim]{result.usage.tokens} tokens, {result.usage.tool_calls} tool calls[/]")
+    if not result.ok:
+        console.print(f"[red]failed:[/] {result.error}")
+        return 1
+    console.print(f"[bold green]{result.answer}[/]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(" ".join(sys.argv[1:]) or TASK))
