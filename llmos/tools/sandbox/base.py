@@ -1,0 +1,535 @@
+"""The sandbox device: protocol, result model, and the host side of the in-sandbox worker.
+
+Every backend runs the same worker (worker.py) as a long-lived interpreter per session and talks
+to it over length-prefixed JSON on its stdin/stdout. `WorkerSession` is that host side; a
+backend only says how to start the worker (`spawn`) and how to make sure everything it started
+is gone (`teardown`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+
+from pydantic import BaseModel
+
+from llmos.config import SandboxLimits
+
+if TYPE_CHECKING:
+    from llmos.config import Config
+
+Limits = SandboxLimits
+
+WORKER_PATH = Path(__file__).with_name("worker.py")
+HEADER = struct.Struct(">I")
+START_TIMEOUT_S = 30.0
+_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ExecResult(BaseModel):
+    stdout: str = ""
+    stderr: str = ""
+    value: str | None = None  # repr of a final bare expression, REPL-style
+    files: list[str] = []  # workspace-relative paths created or changed by this call
+    exit_status: int = 0  # 0 ok, 1 the code raised, negative: the worker was killed by that signal
+    timed_out: bool = False
+    error: str | None = None  # traceback or why the worker died
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    memory_peak_mb: float | None = None  # the session's peak so far (cgroup, else the worker's maxrss)
+    backend: str
+    sandboxed: bool
+    restarted: bool = False  # the session was restarted: its variables are lost
+    truncated: bool = False  # output cut at limits.output_bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.timed_out
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    name: str
+    sandboxed: bool
+
+    async def exec(self, session: str, code: str, limits: Limits | None = None) -> ExecResult: ...
+
+    def workspace(self, session: str) -> Path: ...
+
+    async def close_session(self, session: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SandboxUnavailable(Exception):
+    """No sandbox backend can run here; the message says why and what to do."""
+
+
+class SandboxError(Exception):
+    """A caller mistake (e.g. a bad session name); the message says what to do."""
+
+
+def check_session_name(session: str) -> str:
+    if not _SESSION_RE.match(session):
+        raise SandboxError(
+            f"Bad sandbox session name {session!r}: use 1-64 letters, digits, '.', '_' or '-'."
+        )
+    return session
+
+
+def worker_source() -> str:
+    return WORKER_PATH.read_text()
+
+
+def worker_args(
+    workspace: str, limits: Limits, *, uid: int | None = None, nproc: int | None = None
+) -> list[str]:
+    """Arguments after `python3 -I -c <worker_source()>`; the session-wide hard limits."""
+    args = [
+        "--workspace",
+        workspace,
+        # Per-call CPU is the soft limit moved each call; the hard limit bounds a session's life.
+        "--cpu-s",
+        str(int(limits.cpu_s * 10) + 1),
+        "--memory-mb",
+        str(limits.memory_mb),
+        "--file-size-mb",
+        str(limits.file_size_mb),
+        "--nproc",
+        str(nproc if nproc is not None else limits.pids),
+    ]
+    if uid is not None:
+        args += ["--uid", str(uid), "--gid", str(uid)]
+    return args
+
+
+def max_reply_bytes(limits: Limits) -> int:
+    # stdout, stderr, value and error are each cut at output_bytes; JSON escaping can grow text ~6x.
+    return 4 * 6 * limits.output_bytes + 65536
+
+
+Spawn = Callable[[Limits], Awaitable[asyncio.subprocess.Process]]
+Teardown = Callable[[], Awaitable[None]]
+
+
+class WorkerSession:
+    """Host side of one warm worker: requests, timeouts, restarts.
+
+    `spawn(limits)` starts the worker with stdin/stdout (and stderr) as pipes; `teardown()` must
+    kill whatever the worker left behind (a pid namespace, a cgroup, a container). The session
+    restarts lazily: a timed-out or dead worker is torn down at once and the next call starts a
+    fresh one.
+    """
+
+    def __init__(
+        self,
+        spawn: Spawn,
+        teardown: Teardown | None = None,
+        *,
+        backend: str,
+        sandboxed: bool,
+        max_calls: int | None = None,
+        notice: str | None = None,
+        peak_memory: Callable[[], float | None] | None = None,
+        reset_peak_memory: Callable[[], None] | None = None,
+    ) -> None:
+        self._spawn = spawn
+        self._teardown = teardown
+        self.backend = backend
+        self.sandboxed = sandboxed
+        self.max_calls = max_calls
+        self.notice = notice  # a line prepended to stderr of every result (subprocess: "unsandboxed")
+        self._peak_memory = peak_memory
+        self._reset_peak_memory = reset_peak_memory
+        self._proc: asyncio.subprocess.Process | None = None
+        self._limits: Limits | None = None
+        self._lock = asyncio.Lock()
+        self.calls = 0
+        self.starts = 0
+        self.last_used = time.monotonic()
+        self.cold_start_s: float | None = None
+        # Set when the worker was stopped between calls (idle): the next result says `restarted`.
+        self.state_lost = False
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, limits: Limits) -> None:
+        """Start the worker now (a warm pool calls this ahead of the first request)."""
+        async with self._lock:
+            await self._ensure(limits)
+
+    async def request(self, code: str, limits: Limits) -> ExecResult:
+        async with self._lock:
+            self.last_used = time.monotonic()
+            restarted, self.state_lost = self.state_lost, False
+            if self._proc is not None and not self._fits(limits):
+                # The running worker's hard limits are looser or tighter than asked: start over
+                # (state is lost only if it has run code; a warm pool worker has not).
+                restarted = restarted or self.calls > 0
+                await self._stop()
+            if self.max_calls is not None and self.calls >= self.max_calls:
+                await self._stop()
+                restarted = True
+            await self._ensure(limits)  # SandboxUnavailable if it cannot start: a host problem
+            result = await self._call(code, limits)
+            if restarted:
+                result.restarted = True
+            if self.notice:
+                result.stderr = f"{self.notice}\n{result.stderr}"
+            self.last_used = time.monotonic()
+            return result
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    def _fits(self, limits: Limits) -> bool:
+        if self._limits is None:
+            return False
+        a, b = self._limits, limits
+        return (a.memory_mb, a.pids, a.file_size_mb) == (b.memory_mb, b.pids, b.file_size_mb) and (
+            b.cpu_s <= a.cpu_s
+        )
+
+    async def _ensure(self, limits: Limits) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        if self._proc is not None:
+            await self._stop()
+        started = time.perf_counter()
+        proc = await self._spawn(limits)
+        self._proc = proc
+        self._limits = limits
+        self.calls = 0
+        try:
+            ready = await asyncio.wait_for(self._read(proc, 65536), START_TIMEOUT_S)
+        except (TimeoutError, _ProtocolError) as exc:
+            detail = await self._stderr_of(proc)
+            await self._stop()
+            raise SandboxUnavailable(
+                f"The {self.backend} sandbox worker did not start ({exc or 'timeout'}): "
+                f"{detail or 'no output'}; run `llmos sandbox doctor`."
+            ) from None
+        if not ready.get("ready"):
+            await self._stop()
+            raise SandboxUnavailable(
+                f"The {self.backend} sandbox worker sent {ready!r}; run `llmos sandbox doctor`."
+            )
+        self.starts += 1
+        self.cold_start_s = time.perf_counter() - started
+
+    async def _call(self, code: str, limits: Limits) -> ExecResult:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        self.calls += 1
+        if self._reset_peak_memory is not None:
+            self._reset_peak_memory()
+        started = time.perf_counter()
+        body = json.dumps({"code": code, "limits": limits.model_dump()}).encode()
+        reply_task = asyncio.ensure_future(self._send_and_read(proc, body, max_reply_bytes(limits)))
+        exit_task = asyncio.ensure_future(proc.wait())
+        done, _ = await asyncio.wait(
+            {reply_task, exit_task}, timeout=limits.wall_time_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        wall = time.perf_counter() - started
+        if reply_task in done and reply_task.exception() is None:
+            exit_task.cancel()
+            reply = reply_task.result()
+            result = self._result(reply, wall)
+            if self._peak_memory is not None:
+                result.memory_peak_mb = self._peak_memory() or result.memory_peak_mb
+            return result
+        # Timed out, died, or sent garbage: kill the session; its variables are lost.
+        timed_out = not done
+        garbage = reply_task.exception() if reply_task.done() else None
+        peak = self._peak_memory() if self._peak_memory is not None else None
+        reply_task.cancel()
+        # A dead worker may have left children holding the pipes: give the exit status a moment.
+        if not timed_out and not exit_task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
+        exit_task.cancel()
+        returncode = proc.returncode
+        await self._stop()
+        if timed_out:
+            error = f"Timed out after {limits.wall_time_s:g} s of wall time; the session was restarted."
+            status = -int(signal.SIGKILL)
+        elif garbage is not None and returncode is None:
+            error = f"The worker sent a malformed reply ({garbage}); the session was restarted."
+            status = -1
+        else:
+            status = returncode if returncode is not None else -1
+            error = f"The worker died ({_describe_exit(status)}); the session was restarted."
+        return ExecResult(
+            error=error,
+            exit_status=status,
+            timed_out=timed_out,
+            wall_s=wall,
+            cpu_s=0.0,
+            memory_peak_mb=peak,
+            backend=self.backend,
+            sandboxed=self.sandboxed,
+            restarted=True,
+        )
+
+    def _result(self, reply: dict[str, Any], wall: float) -> ExecResult:
+        try:
+            return ExecResult(
+                stdout=str(reply.get("stdout", "")),
+                stderr=str(reply.get("stderr", "")),
+                value=None if reply.get("value") is None else str(reply["value"]),
+                files=[str(f) for f in reply.get("files", [])],
+                exit_status=int(reply.get("exit_status", 0)),
+                error=None if reply.get("error") is None else str(reply["error"]),
+                cpu_s=float(reply.get("cpu_s", 0.0)),
+                wall_s=wall,
+                memory_peak_mb=None
+                if reply.get("memory_peak_mb") is None
+                else float(reply["memory_peak_mb"]),
+                truncated=bool(reply.get("truncated", False)),
+                backend=self.backend,
+                sandboxed=self.sandboxed,
+            )
+        except (TypeError, ValueError) as exc:
+            return ExecResult(
+                error=f"The worker sent a malformed reply ({exc}).",
+                exit_status=-1,
+                wall_s=wall,
+                backend=self.backend,
+                sandboxed=self.sandboxed,
+            )
+
+    async def _send_and_read(
+        self, proc: asyncio.subprocess.Process, body: bytes, limit: int
+    ) -> dict[str, Any]:
+        assert proc.stdin is not None
+        proc.stdin.write(HEADER.pack(len(body)) + body)
+        await proc.stdin.drain()
+        return await self._read(proc, limit)
+
+    @staticmethod
+    async def _read(proc: asyncio.subprocess.Process, limit: int) -> dict[str, Any]:
+        assert proc.stdout is not None
+        try:
+            header = await proc.stdout.readexactly(HEADER.size)
+            (size,) = HEADER.unpack(header)
+            if size > limit:
+                raise _ProtocolError(f"reply of {size} bytes exceeds {limit}")
+            body = await proc.stdout.readexactly(size)
+            message = json.loads(body)
+        except asyncio.IncompleteReadError:
+            raise _ProtocolError("the worker closed its output") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _ProtocolError(f"bad JSON: {exc}") from None
+        if not isinstance(message, dict):
+            raise _ProtocolError("reply is not an object")
+        return message
+
+    @staticmethod
+    async def _stderr_of(proc: asyncio.subprocess.Process) -> str:
+        if proc.stderr is None:
+            return ""
+        with contextlib.suppress(TimeoutError, OSError):
+            if proc.returncode is None:
+                await asyncio.wait_for(proc.wait(), 2.0)
+            data = await asyncio.wait_for(proc.stderr.read(4096), 1.0)
+            return data.decode(errors="replace").strip()
+        return ""
+
+    async def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            if proc.stdin is not None:
+                proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+        if self._teardown is not None:
+            await self._teardown()
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _describe_exit(status: int) -> str:
+    # bwrap and `docker exec` report a child killed by signal N as exit status 128 + N.
+    signum = -status if status < 0 else status - 128 if 128 < status < 128 + 65 else 0
+    if signum:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        hints = {
+            "SIGKILL": "killed: out of memory or a limit was hit",
+            "SIGXCPU": "CPU time limit exceeded",
+            "SIGXFSZ": "file size limit exceeded",
+        }
+        described = f"{name}, {hints[name]}" if name in hints else name
+        return described if status < 0 else f"exit status {status}: {described}"
+    return f"exit status {status}"
+
+
+def limits_for(config: Config, limits: Limits | None) -> Limits:
+    return limits if limits is not None else config.sandbox.limits
+
+
+class SessionPool:
+    """Sessions by name for one backend: create on first use, recycle when idle too long."""
+
+    def __init__(self, config: Config, make: Callable[[str], WorkerSession]) -> None:
+        self._config = config
+        self._make = make
+        self.sessions: dict[str, WorkerSession] = {}
+
+    def get(self, session: str) -> WorkerSession:
+        check_session_name(session)
+        existing = self.sessions.get(session)
+        if existing is None:
+            existing = self.sessions[session] = self._make(session)
+        return existing
+
+    async def reap_idle(self) -> None:
+        idle = self._config.sandbox.idle_timeout_s
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if session.running and now - session.last_used > idle:
+                # Free the worker but keep the session (and its workspace): the next call starts
+                # a fresh interpreter and its result says the variables were lost.
+                await session.close()
+                session.state_lost = True
+
+    async def close(self, session: str) -> None:
+        existing = self.sessions.pop(session, None)
+        if existing is not None:
+            await existing.close()
+
+    async def close_all(self) -> None:
+        for name in list(self.sessions):
+            await self.close(name)
+
+
+class WorkerSandbox:
+    """Shared frame of the worker backends: workspaces under LLMOS_HOME, one warm worker per session.
+
+    A backend subclass sets `name` and `sandboxed` and implements `_new_session(session)`.
+    """
+
+    name: str = "worker"
+    sandboxed: bool = True
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = config.home / "sandbox" / self.name
+        self._pool = SessionPool(config, self._new_session)
+
+    def _new_session(self, session: str) -> WorkerSession:
+        raise NotImplementedError
+
+    def workspace(self, session: str) -> Path:
+        path = self.root / "workspaces" / check_session_name(session)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            self._prepare_workspace(path)
+        return path
+
+    def _prepare_workspace(self, path: Path) -> None:
+        """Hook: e.g. hand the directory to the sandbox uid."""
+
+    async def exec(self, session: str, code: str, limits: Limits | None = None) -> ExecResult:
+        worker = self._pool.get(session)
+        self.workspace(session)
+        await self._pool.reap_idle()
+        return await worker.request(code, limits_for(self.config, limits))
+
+    def session(self, session: str) -> WorkerSession:
+        """The host side of a session's worker (stats: cold_start_s, starts, calls, pid)."""
+        return self._pool.get(session)
+
+    async def close_session(self, session: str) -> None:
+        """Stop the session's worker and everything it started, and delete its workspace."""
+        await self._pool.close(check_session_name(session))
+        shutil.rmtree(self.root / "workspaces" / session, ignore_errors=True)
+
+    async def aclose(self) -> None:
+        for session in list(self._pool.sessions):
+            await self.close_session(session)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def open_sandbox(config: Config) -> Sandbox:
+    """The configured backend; "auto" is docker, else namespace, else a SandboxUnavailable saying why."""
+    backend = config.sandbox.backend
+    if backend == "subprocess":
+        from llmos.tools.sandbox.subprocess import SubprocessSandbox
+
+        return SubprocessSandbox(config)
+    if backend == "namespace":
+        from llmos.tools.sandbox.namespace import NamespaceSandbox, namespace_available
+
+        reason = namespace_available(config)
+        if reason is not None:
+            raise SandboxUnavailable(f"The namespace sandbox cannot run: {reason}.")
+        return NamespaceSandbox(config)
+    if backend == "docker":
+        docker_reason = _docker_reason(config)
+        if docker_reason is not None:
+            raise SandboxUnavailable(f"The docker sandbox cannot run: {docker_reason}.")
+        return _docker_sandbox(config)
+    # auto
+    docker_reason = _docker_reason(config)
+    if docker_reason is None:
+        return _docker_sandbox(config)
+    from llmos.tools.sandbox.namespace import NamespaceSandbox, namespace_available
+
+    ns_reason = namespace_available(config)
+    if ns_reason is None:
+        return NamespaceSandbox(config)
+    raise SandboxUnavailable(
+        f"No sandbox can run here: docker: {docker_reason}; namespace: {ns_reason}. "
+        'Fix one of them (see `llmos sandbox doctor`), or set sandbox.backend = "subprocess" '
+        "to run code unsandboxed on purpose."
+    )
+
+
+def _docker_sandbox(config: Config) -> Sandbox:
+    # Imported lazily: the docker backend (and its client library) is optional.
+    from llmos.tools.sandbox.docker import DockerSandbox
+
+    sandbox: Sandbox = DockerSandbox(config)
+    return sandbox
+
+
+def _docker_reason(config: Config) -> str | None:
+    try:
+        from llmos.tools.sandbox.docker import docker_available
+    except ImportError as exc:
+        return f"the docker backend is not installed ({exc}); `pip install llmos[docker]`"
+    reason: str | None = docker_available(config)
+    return reason

@@ -1,0 +1,78 @@
+"""Tools called the way agents call them: through the kernel's `tool.call` syscall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmos.config import load_config
+from llmos.kernel.kernel import Kernel
+from llmos.kernel.process import Process
+from llmos.tools import tool
+from llmos.tools.files import file_tools
+from llmos.tools.langchain import to_langchain
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+async def write_then_read(proc: Process) -> dict[str, Any]:
+    written = await proc.syscall("tool.call", name="write_file", arguments={"path": "a.txt", "content": "hi"})
+    read = await proc.syscall("tool.call", name="read_file", arguments='{"path": "a.txt"}')
+    escape = await proc.syscall("tool.call", name="read_file", arguments={"path": "../../journal.sqlite3"})
+    return {"written": written.unwrap(), "read": read.unwrap(), "escape": escape.unwrap()}
+
+
+async def model_mistakes(proc: Process) -> dict[str, Any]:
+    unknown = await proc.syscall("tool.call", name="ad", arguments={})
+    bad_json = await proc.syscall("tool.call", name="add", arguments='{"a": 1,')
+    wrong = await proc.syscall("tool.call", name="add", arguments={"a": "one", "b": 2})
+    denied = await proc.syscall("tool.call", name="write_file", arguments={"path": "x", "content": ""})
+    return {
+        "unknown": unknown.model_dump(mode="json"),
+        "bad_json": bad_json.unwrap(),
+        "wrong": wrong.unwrap(),
+        "denied": denied.model_dump(mode="json"),
+    }
+
+
+async def langchain_in_a_process(proc: Process) -> Any:
+    lc = to_langchain(proc.kernel.tools.get("add"), process=proc)
+    return await lc.ainvoke({"a": 20, "b": 22})
+
+
+async def test_file_tools_use_the_process_workspace(tmp_path: Path) -> None:
+    async with Kernel(load_config(env={"LLMOS_HOME": str(tmp_path)})) as kernel:
+        kernel.tools.register(*file_tools())
+        pid = await kernel.spawn(write_then_read, capabilities=["tool:*"])
+        info = await kernel.wait(pid, timeout_s=60)
+        assert info.error is None, info.error
+        assert info.result["written"]["ok"] and info.result["read"]["content"]["content"] == "hi"
+        assert not info.result["escape"]["ok"] and "'..'" in info.result["escape"]["error"]
+        assert (kernel.workspace(pid) / "a.txt").read_text() == "hi"
+        assert info.usage.tool_calls == 3
+
+
+async def test_model_mistakes_come_back_as_data(tmp_path: Path) -> None:
+    async with Kernel(load_config(env={"LLMOS_HOME": str(tmp_path)})) as kernel:
+        kernel.tools.register(add, *file_tools())
+        pid = await kernel.spawn(model_mistakes, capabilities=["tool:add", "tool:read_file"])
+        info = await kernel.wait(pid, timeout_s=60)
+        assert info.error is None, info.error
+        result = info.result
+        assert result["unknown"]["error"]["code"] == "not_found"
+        assert "Did you mean 'add'?" in result["unknown"]["error"]["message"]
+        assert not result["bad_json"]["ok"] and "not valid JSON" in result["bad_json"]["error"]
+        assert "argument 'a'" in result["wrong"]["error"]
+        assert result["denied"]["error"]["code"] == "denied"
+
+
+async def test_to_langchain_routes_through_the_kernel(tmp_path: Path) -> None:
+    async with Kernel(load_config(env={"LLMOS_HOME": str(tmp_path)})) as kernel:
+        kernel.tools.register(add)
+        pid = await kernel.spawn(langchain_in_a_process, capabilities=["tool:add"])
+        info = await kernel.wait(pid, timeout_s=60)
+        assert info.result == 42 and info.usage.tool_calls == 1
