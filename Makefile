@@ -34,6 +34,7 @@ system-deps:
 	@missing=""; \
 	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
 	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	/sbin/ldconfig -p | grep -q libseccomp.so.2 || missing="$$missing libseccomp2"; \
 	if [ -n "$$missing" ]; then \
 		echo "==> installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -93,9 +93,9 @@ async def ask(task: str, base_url: str, console: Console) -> int:
     async with Kernel(load_config(), secrets={"INVENTORY_KEY": API_KEY}) as kernel:
         result = await agent.arun(task, kernel=kernel, on_event=EventPrinter(console, stream_text=False))
     if not result.ok:
-        console.print(f"[red]failed:[/] {result.error}")
+        console.print(f"failed: {result.error}", style="red", markup=False)
         return 1
-    console.print(f"[bold green]{result.answer}[/]")
+    console.print(result.answer, style="bold green", markup=False)
     return 0
 
 

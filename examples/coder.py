@@ -23,9 +23,9 @@ def main(task: str) -> int:
     result = coder.run(task, on_event=EventPrinter(console, stream_text=False))
     console.print(f"[dim]{result.usage.tokens} tokens, {result.usage.tool_calls} tool calls[/]")
     if not result.ok:
-        console.print(f"[red]failed:[/] {result.error}")
+        console.print(f"failed: {result.error}", style="red", markup=False)
         return 1
-    console.print(f"[bold green]{result.answer}[/]")
+    console.print(result.answer, style="bold green", markup=False)
     return 0
 
 

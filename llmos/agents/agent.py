@@ -33,6 +33,20 @@ FINAL_ANSWER = ToolSpec(
     },
 )
 
+FINAL_ANSWER_WITH_SOURCES = ToolSpec(
+    name="final_answer",
+    description="Give the final answer and the sources (file names, URLs) it comes from.",
+    parameters={
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "description": "the answer, complete and exact"},
+            "sources": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        },
+        "required": ["answer", "sources"],
+        "additionalProperties": False,
+    },
+)
+
 NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answer now.)"
 NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
 REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
@@ -52,6 +66,7 @@ class AgentSpec(BaseModel):
     max_steps: int = Field(10, ge=1)
     max_tokens_per_step: int = Field(512, ge=16)
     temperature: float = 0.0
+    cite_sources: bool = Field(False, description="the answer must name its sources")
 
 
 class AgentStopped(Exception):
@@ -84,7 +99,8 @@ def _as_text(value: Any) -> str:
 async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     """The agent program: `kernel.spawn(run_agent, args={"spec": ..., "task": ...})`."""
     agent = AgentSpec.model_validate(spec)
-    tools = [*proc.kernel.tools.specs(agent.tools), FINAL_ANSWER]
+    final = FINAL_ANSWER_WITH_SOURCES if agent.cite_sources else FINAL_ANSWER
+    tools = [*proc.kernel.tools.specs(agent.tools), final]
     names = ", ".join(t.name for t in tools)
     messages = [Message(role="system", content=agent.instructions), Message(role="user", content=task)]
     calls_made: list[tuple[str, dict[str, Any]]] = []
@@ -114,6 +130,8 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
         for call in result.tool_calls:
             if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
                 answer = str(call.arguments["answer"])
+                if agent.cite_sources:
+                    answer += f" [sources: {', '.join(map(str, call.arguments.get('sources', [])))}]"
                 event(proc, "answer", step, answer=answer)
                 return answer
             event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)

@@ -12,6 +12,8 @@ here, behind three small pieces:
   selector or swarm) as one llmos process with one child process per member. A member's model
   and tool calls are charged to its child; the selector's speaker choice to the team process.
   `llmos ps` shows the tree, and killing the team process stops every member and the run.
+  The program and its JSON spec are importable, so an interrupted team resumes: the members'
+  finished model calls are replayed from the journal, not asked of the model again.
 
     async with Kernel() as kernel:
         result = await run_team(kernel, TeamSpec(members=[...], max_turns=4), "Write ...")
@@ -26,9 +28,9 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from autogen_agentchat.agents import AssistantAgent
-from autogen_agentchat.base import TaskResult, Team, TerminationCondition
+from autogen_agentchat.base import ChatAgent, TaskResult, Team, TerminationCondition
 from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermination
-from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage, ModelClientStreamingChunkEvent
+from autogen_agentchat.messages import ModelClientStreamingChunkEvent
 from autogen_agentchat.teams import RoundRobinGroupChat, SelectorGroupChat, Swarm
 from autogen_core import CancellationToken, FunctionCall, Image
 from autogen_core.models import (
@@ -143,8 +145,10 @@ def to_create_result(result: ChatResult) -> CreateResult:
         thought = result.text or None
     else:
         content, thought = result.text, None
-    finish = {"stop": "stop", "length": "length", "tool_calls": "function_calls"}.get(
-        result.finish_reason, "unknown"
+    finish = (
+        "function_calls"
+        if result.tool_calls
+        else {"stop": "stop", "length": "length"}.get(result.finish_reason, "unknown")
     )
     logprobs = (
         [ChatCompletionTokenLogprob(token=lp.token, logprob=lp.logprob) for lp in result.logprobs]
@@ -152,7 +156,7 @@ def to_create_result(result: ChatResult) -> CreateResult:
         else None
     )
     return CreateResult(
-        finish_reason=finish,  # type: ignore[arg-type]  # one of the literals above
+        finish_reason=finish,
         content=content,
         usage=RequestUsage(
             prompt_tokens=result.usage.prompt_tokens, completion_tokens=result.usage.completion_tokens
@@ -565,10 +569,6 @@ def _live(kernel: Kernel, pid: int) -> Process:
     return proc
 
 
-def _content_text(message: BaseChatMessage | BaseAgentEvent) -> str:
-    return message.to_text()
-
-
 async def team_member(proc: Process, name: str) -> dict[str, Any]:
     """A team member's process. The team's AutoGen agent `name` makes its model and tool calls as
     this process (so they are charged to it); the process itself says it is ready, then waits
@@ -597,7 +597,7 @@ def _build_team(
     backends: dict[str | None, LLMBackend],
 ) -> tuple[Team, list[KernelChatClient]]:
     clients: list[KernelChatClient] = []
-    agents: list[AssistantAgent] = []
+    agents: list[ChatAgent] = []
     for member, proc in zip(spec.members, members, strict=True):
         model = member.model or spec.model
         client = KernelChatClient(proc, model, backend=backends[model], max_tokens=spec.max_tokens)
@@ -618,7 +618,7 @@ def _build_team(
     termination = _termination(spec)
     if spec.kind == "round_robin":
         return RoundRobinGroupChat(
-            agents, termination_condition=termination, max_turns=spec.max_turns
+            list(agents), termination_condition=termination, max_turns=spec.max_turns
         ), clients
     if spec.kind == "swarm":
         return Swarm(agents, termination_condition=termination, max_turns=spec.max_turns), clients
@@ -628,7 +628,7 @@ def _build_team(
     clients.append(selector)
     options: dict[str, Any] = {"selector_prompt": spec.selector_prompt} if spec.selector_prompt else {}
     return SelectorGroupChat(
-        agents,
+        list(agents),
         model_client=selector,
         termination_condition=termination,
         max_turns=spec.max_turns,
@@ -648,7 +648,7 @@ async def _consume(proc: Process, team: Team, task: str) -> tuple[TaskResult, li
             message = TeamMessage(
                 source=item.source,
                 type=type(item).__name__,
-                content=_content_text(item),
+                content=item.to_text(),
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
             )
@@ -749,7 +749,9 @@ async def _stop_members(proc: Process, pids: dict[str, int], *, cancelled: bool)
         if live is None or live.finished.is_set():
             continue
         if cancelled:
-            await proc.syscall("proc.kill", pid=pid)
+            # Not a syscall: a team stopped by its wall-time budget has every syscall refused.
+            # TODO(kernel): stopping a process for its budget could take its children along.
+            await proc.kernel.kill(pid)
         else:
             await proc.syscall("msg.send", to=pid, body={"stop": True})
             await proc.syscall("proc.wait", pid=pid)

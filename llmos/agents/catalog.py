@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmos.agents.agent import AgentSpec
 from llmos.tools.files import file_tools
+from llmos.tools.memory import memory_tools
 from llmos.tools.python import python
 from llmos.tools.registry import Tool
 
@@ -28,11 +29,23 @@ ASSISTANT = AgentSpec(
     tools=["python", "read_file", "write_file", "list_files"],
 )
 
-AGENTS: dict[str, AgentSpec] = {agent.name: agent for agent in (CODER, ASSISTANT)}
+RESEARCHER = AgentSpec(
+    name="researcher",
+    instructions=(
+        "You answer questions from the documents stored in long-term memory. First call recall with "
+        "the key words of the question. Then call final_answer with a short answer and the sources "
+        "recall named. Use only what recall returned."
+    ),
+    tools=["recall"],
+    cite_sources=True,
+    max_steps=5,
+)
+
+AGENTS: dict[str, AgentSpec] = {agent.name: agent for agent in (CODER, ASSISTANT, RESEARCHER)}
 
 
 def default_tools() -> list[Tool]:
-    return [python, *file_tools()]
+    return [python, *file_tools(), *memory_tools()]
 
 
 def agent_spec(name: str) -> AgentSpec:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
 
@@ -33,7 +34,7 @@ class EventPrinter:
         elif kind == "approval":
             key = data["key"]
             self.console.print(
-                f"[yellow]approval needed[/] [{key}] {data['tool']}({_short(data['arguments'])}) "
+                f"[yellow]approval needed[/] \\[{key}] {data['tool']}({escape(_short(data['arguments']))}) "
                 f"because {data['reason']}: answer with /approve {key} (or `llmos approve {key}`)",
                 highlight=False,
             )
@@ -48,14 +49,14 @@ class EventPrinter:
                 self.console.print("[bold cyan]python[/]")
                 self.console.print(Syntax(arguments["code"], "python", theme="ansi_dark"))
             else:
-                self.console.print(f"[bold cyan]{data['tool']}[/]({_short(arguments)})")
+                self.console.print(f"[bold cyan]{data['tool']}[/]({escape(_short(arguments))})")
         elif event == "tool_result":
             style = "green" if data.get("ok") else "red"
-            self.console.print(f"[{style}]→[/] {_short(data['result'], 600)}", highlight=False)
+            self.console.print(f"[{style}]→[/] {escape(_short(data['result'], 600))}", highlight=False)
         elif event == "answer":
-            self.console.print(f"[bold green]answer:[/] {data['answer']}")
+            self.console.print(f"[bold green]answer:[/] {escape(data['answer'])}")
         elif event == "error":
-            self.console.print(f"[red]error:[/] {data['message']}")
+            self.console.print(f"[red]error:[/] {escape(data['message'])}")
 
 
 def _short(value: Any, limit: int = 200) -> str:

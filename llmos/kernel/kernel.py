@@ -39,6 +39,7 @@ from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply
 from llmos.tools.registry import ToolContext, ToolRegistry, ToolResult, UnknownTool
 
 if TYPE_CHECKING:
+    from llmos.memory.store import MemoryStore
     from llmos.tools.sandbox.base import Sandbox
 
 log = logging.getLogger("llmos.kernel")
@@ -121,6 +122,7 @@ class Kernel:
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._backends: dict[str | None, LLMBackend] = {None: llm} if llm else {}
         self._sandbox = sandbox
+        self._memory: MemoryStore | None = None
         self._device_lock = asyncio.Lock()
         self._live: dict[int, Process] = {}
         self.mailboxes: Mailboxes
@@ -176,6 +178,9 @@ class Kernel:
             await backend.aclose()
         if self._sandbox is not None:
             await self._sandbox.aclose()
+        if self._memory is not None:
+            await asyncio.to_thread(self._memory.close)
+            self._memory = None
         if self._journal is not None:
             self._journal.close()
             self._journal = None
@@ -492,6 +497,15 @@ class Kernel:
 
                 self._sandbox = await asyncio.to_thread(open_sandbox, self.config)
             return self._sandbox
+
+    async def memory(self) -> MemoryStore:
+        """Long-term memory: one owner per embedded store, so every process goes through this one."""
+        async with self._device_lock:
+            if self._memory is None:
+                from llmos.memory.store import MemoryStore
+
+                self._memory = await asyncio.to_thread(MemoryStore.open, self.config)
+            return self._memory
 
     def workspace(self, pid: int) -> Path:
         path = self.config.home / "workspaces" / str(pid)

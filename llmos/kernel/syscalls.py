@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -123,6 +123,20 @@ class SandboxExecArgs(Args):
     code: str
 
 
+class MemAddArgs(Args):
+    text: str = Field(min_length=1)
+    namespace: str = "shared"
+    source: str = "process"
+    trust: Literal["user", "model", "tool", "web"] = "model"
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class MemSearchArgs(Args):
+    query: str
+    namespaces: list[str] = Field(default_factory=lambda: ["shared"])
+    k: int = Field(5, ge=1, le=100)
+
+
 class SendArgs(Args):
     to: int
     body: Any
@@ -209,6 +223,19 @@ async def sys_sandbox_exec(kernel: Kernel, proc: Process, args: SandboxExecArgs)
     return Outcome(result.model_dump(mode="json"), Charge(sandbox_cpu_s=result.cpu_s))
 
 
+async def sys_mem_add(kernel: Kernel, proc: Process, args: MemAddArgs) -> Outcome:
+    store = await kernel.memory()
+    record = args.model_dump()
+    text = record.pop("text")
+    return Outcome(await asyncio.to_thread(store.add, text, pid=proc.pid, **record))
+
+
+async def sys_mem_search(kernel: Kernel, proc: Process, args: MemSearchArgs) -> Outcome:
+    store = await kernel.memory()
+    hits = await asyncio.to_thread(store.search, args.query, namespaces=args.namespaces, k=args.k)
+    return Outcome([hit.model_dump(mode="json") for hit in hits])
+
+
 async def sys_send(kernel: Kernel, proc: Process, args: SendArgs) -> Outcome:
     target = kernel.journal.process(args.to)
     if target is None or target.state.finished:
@@ -255,6 +282,8 @@ TABLE: dict[str, Syscall] = {
         Syscall("llm.chat",     ChatArgs,        "llm",           ("tokens",),              sys_llm_chat),
         Syscall("tool.call",    ToolCallArgs,    tool_capability, ("tool_calls", "sandbox_cpu_s"), sys_tool_call),
         Syscall("sandbox.exec", SandboxExecArgs, "sandbox",       ("sandbox_cpu_s",),       sys_sandbox_exec),
+        Syscall("mem.add",      MemAddArgs,      "memory",        (),                       sys_mem_add),
+        Syscall("mem.search",   MemSearchArgs,   "memory",        (),                       sys_mem_search),
         Syscall("msg.send",     SendArgs,        "msg",           (),                       sys_send, waits=False),
         Syscall("msg.recv",     ReceiveArgs,     None,            (),                       sys_receive, waits=False),
         Syscall("msg.wait",     ReceiveArgs,     None,            (),                       sys_wait_message),

@@ -32,6 +32,7 @@ Limits = SandboxLimits
 WORKER_PATH = Path(__file__).with_name("worker.py")
 HEADER = struct.Struct(">I")
 START_TIMEOUT_S = 30.0
+SESSION_CPU_CALLS = 200
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -97,9 +98,11 @@ def worker_args(
     args = [
         "--workspace",
         workspace,
-        # Per-call CPU is the soft limit moved each call; the hard limit bounds a session's life.
+        # Per-call CPU is the soft limit, moved each call. The hard limit is a session's whole
+        # budget (SESSION_CPU_CALLS calls' worth): code that raises its own soft limit still meets
+        # the wall-clock timeout, and a long-lived notebook is not killed for its history.
         "--cpu-s",
-        str(int(limits.cpu_s * 10) + 1),
+        str(int(limits.cpu_s * SESSION_CPU_CALLS) + 1),
         "--memory-mb",
         str(limits.memory_mb),
         "--file-size-mb",

@@ -32,7 +32,14 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmos.tools.sandbox.base import Limits, WorkerSandbox, WorkerSession, worker_args, worker_source
+from llmos.tools.sandbox.base import (
+    Limits,
+    SandboxUnavailable,
+    WorkerSandbox,
+    WorkerSession,
+    worker_args,
+    worker_source,
+)
 
 if TYPE_CHECKING:
     from llmos.config import Config
@@ -401,6 +408,10 @@ class NamespaceSandbox(WorkerSandbox):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+        program = seccomp_program()
+        if program is None:
+            raise SandboxUnavailable("libseccomp is missing; install it with `apt-get install libseccomp2`.")
+        self._seccomp = program
         self.uid = config.sandbox.uid
         self.as_root = os.geteuid() == 0
         self.instance_id = uuid.uuid4().hex[:8]  # names its cgroups: two kernels never share one
@@ -409,31 +420,30 @@ class NamespaceSandbox(WorkerSandbox):
         self.cgroups_reason = Cgroup.available()
         if self.cgroups_reason is None:
             Cgroup.remove_stale()
-        program = seccomp_program()
-        if program is None:
-            from llmos.tools.sandbox.base import SandboxUnavailable
-
-            raise SandboxUnavailable("libseccomp is missing; install it with `apt-get install libseccomp2`.")
-        self._seccomp = program
         # Workers started ahead of their session (config.sandbox.pool_size), each with its own
         # workspace directory; a new session renames the directory (the bind mount follows it).
         self._warm: list[tuple[_Place, WorkerSession]] = []
         self._refill: asyncio.Future[None] | None = None
+        self._warm_lock = asyncio.Lock()  # the kernel's warm_up and a background refill, one at a time
 
     async def warm_up(self) -> None:
         """Start workers until `pool_size` wait for new sessions (the kernel calls this at boot)."""
-        while len(self._warm) < self.config.sandbox.pool_size:
-            place = _Place(self.root / "workspaces" / f".warm-{uuid.uuid4().hex[:12]}")
-            place.workspace.mkdir(parents=True)
-            self._prepare_workspace(place.workspace)
-            worker = self._worker(place, f"{self.instance_id}-{place.workspace.name[1:]}")
-            try:
-                await worker.start(self.config.sandbox.limits)
-            except BaseException:
-                await worker.close()
-                shutil.rmtree(place.workspace, ignore_errors=True)
-                raise
-            self._warm.append((place, worker))
+        async with self._warm_lock:
+            while len(self._warm) < self.config.sandbox.pool_size:
+                await self._add_warm()
+
+    async def _add_warm(self) -> None:
+        place = _Place(self.root / "workspaces" / f".warm-{uuid.uuid4().hex[:12]}")
+        place.workspace.mkdir(parents=True)
+        self._prepare_workspace(place.workspace)
+        worker = self._worker(place, f"{self.instance_id}-{place.workspace.name[1:]}")
+        try:
+            await worker.start(self.config.sandbox.limits)
+        except BaseException:
+            await worker.close()
+            shutil.rmtree(place.workspace, ignore_errors=True)
+            raise
+        self._warm.append((place, worker))
 
     @property
     def warm_pids(self) -> list[int]:
