@@ -43,7 +43,8 @@ def normalise(answer: str) -> str:
 
 async def main(model: str | None) -> dict[str, float | int | str]:
     with tempfile.TemporaryDirectory() as home:
-        config = load_config(env={**os.environ, "LLMOS_HOME": home}, **({"llm": {"model": model}} if model else {}))
+        overrides = {"llm": {"model": model}} if model else {}
+        config = load_config(env={**os.environ, "LLMOS_HOME": home}, **overrides)
         spec = CODER.model_dump()
         solved = tokens = 0
         started = time.monotonic()
