@@ -14,11 +14,12 @@ journaled steps and carries on where it stopped.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from llmos.cpu.base import ChatResult, Message, ToolSpec
+from llmos.cpu.base import ChatResult, Message, ToolCall, ToolSpec
 from llmos.kernel.process import Process
 from llmos.kernel.syscalls import ErrorCode, Reply
 
@@ -67,6 +68,9 @@ class AgentSpec(BaseModel):
     max_tokens_per_step: int = Field(512, ge=16)
     temperature: float = 0.0
     cite_sources: bool = Field(False, description="the answer must name its sources")
+    # "tools": each action is a JSON tool call (constrained decoding keeps it well formed);
+    # "code": each action is a Python block that runs in the sandbox, REPL-style.
+    style: Literal["tools", "code"] = "tools"
 
 
 class AgentStopped(Exception):
@@ -96,13 +100,37 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
+FINAL_LINE = re.compile(r"final answer\s*:\s*(.+)", re.I)
+CODE_STYLE_RULES = (
+    "\n\nTo act, reply with one ```python code block: it runs in a sandbox and you will see its "
+    "output. Variables persist between blocks. print() what you need to see. "
+    "When you know the answer, reply with one line: Final answer: <the answer>"
+)
+
+
+def code_actions(text: str) -> list[ToolCall]:
+    """Code-style actions in a reply: its first Python block, or its final answer."""
+    if block := CODE_BLOCK.search(text):
+        return [ToolCall(id="code", name="python", arguments={"code": block.group(1).strip()})]
+    if final := FINAL_LINE.search(text):
+        return [ToolCall(id="final", name=FINAL_ANSWER.name, arguments={"answer": final.group(1).strip()})]
+    return []
+
+
 async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     """The agent program: `kernel.spawn(run_agent, args={"spec": ..., "task": ...})`."""
     agent = AgentSpec.model_validate(spec)
     final = FINAL_ANSWER_WITH_SOURCES if agent.cite_sources else FINAL_ANSWER
-    tools = [*proc.kernel.tools.specs(agent.tools), final]
-    names = ", ".join(t.name for t in tools)
-    messages = [Message(role="system", content=agent.instructions), Message(role="user", content=task)]
+    code_style = agent.style == "code"
+    tools = [] if code_style else [*proc.kernel.tools.specs(agent.tools), final]
+    instructions = agent.instructions + (CODE_STYLE_RULES if code_style else "")
+    how_to_act = (
+        "a ```python code block, or a line 'Final answer: ...'"
+        if code_style
+        else f"exactly one call to one of: {', '.join(t.name for t in tools)}"
+    )
+    messages = [Message(role="system", content=instructions), Message(role="user", content=task)]
     calls_made: list[tuple[str, dict[str, Any]]] = []
 
     for step in range(1, agent.max_steps + 1):
@@ -111,7 +139,8 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             "llm.chat",
             messages=messages,
             tools=tools,
-            tool_choice="required",
+            tool_choice="none" if code_style else "required",
+            stop=["\nOutput:", "\nObservation:"] if code_style else [],
             max_tokens=agent.max_tokens_per_step,
             temperature=agent.temperature,
             model=agent.model,
@@ -120,14 +149,18 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             event(proc, "error", step, message=reply.error.message)
             raise AgentStopped(f"the model call failed: {reply.error.message}")
         result = ChatResult.model_validate(reply.value)
-        messages.append(Message(role="assistant", content=result.text, tool_calls=result.tool_calls))
-        if not result.tool_calls:
-            problem = f"Your reply was not a tool call. Answer with exactly one call to one of: {names}."
-            event(proc, "error", step, message="the model did not call a tool", text=result.text[:200])
-            messages.append(Message(role="user", content=problem))
+        actions = code_actions(result.text) if code_style else result.tool_calls
+        messages.append(
+            Message(role="assistant", content=result.text, tool_calls=[] if code_style else actions)
+        )
+        if not actions:
+            event(proc, "error", step, message="the reply held no action", text=result.text[:200])
+            messages.append(
+                Message(role="user", content=f"Your reply held no action. Reply with {how_to_act}.")
+            )
             continue
 
-        for call in result.tool_calls:
+        for call in actions:
             if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
                 answer = str(call.arguments["answer"])
                 if agent.cite_sources:
@@ -146,8 +179,12 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             calls_made.append((call.name, call.arguments))
             # Small models tend to repeat a call that already worked: say what to do next.
             hint = REPEATED if repeated else (NEXT_AFTER_SUCCESS if ok else NEXT_AFTER_ERROR)
-            content = f"{seen}\n\n{hint}"
-            messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))
+            if code_style:
+                hint = hint.replace("call final_answer with the answer", "reply with 'Final answer: ...'")
+                messages.append(Message(role="user", content=f"Output:\n{seen}\n\n{hint}"))
+            else:
+                content = f"{seen}\n\n{hint}"
+                messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))
 
     message = f"no answer after {agent.max_steps} steps; raise max_steps or give a simpler task"
     event(proc, "error", agent.max_steps, message=message)

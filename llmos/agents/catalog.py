@@ -11,11 +11,11 @@ from llmos.tools.registry import Tool
 CODER = AgentSpec(
     name="coder",
     instructions=(
-        "You solve tasks by writing and running Python code with the `python` tool. "
-        "Always compute with code; never guess. print() the result you need. "
-        "When the output shows the answer, call final_answer with it, exactly as printed."
+        "You solve tasks by writing and running Python code. Always compute with code; never guess. "
+        "Give the final answer exactly as the code printed it."
     ),
     tools=["python"],
+    style="code",
     max_steps=6,
     max_tokens_per_step=384,
 )

@@ -496,6 +496,9 @@ class Kernel:
                 from llmos.tools.sandbox import open_sandbox
 
                 self._sandbox = await asyncio.to_thread(open_sandbox, self.config)
+                warm_up = getattr(self._sandbox, "warm_up", None)
+                if warm_up is not None:  # start pooled workers now, so the first session is warm
+                    await warm_up()
             return self._sandbox
 
     async def memory(self) -> MemoryStore:

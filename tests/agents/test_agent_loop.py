@@ -64,7 +64,7 @@ async def test_garbage_from_the_model_goes_back_as_observations_until_the_step_l
     assert info.state == State.FAILED
     assert info.error == "AgentStopped: no answer after 6 steps; raise max_steps or give a simpler task"
     observations = [m.content for m in llm.requests[-1].messages if m.role in ("tool", "user")][1:]
-    assert "not a tool call" in observations[0]
+    assert "held no action" in observations[0]
     assert "nonexistent_tool" in observations[1] and "add" in observations[1]
     assert all("error" in text for text in observations[2:5])
 
@@ -78,3 +78,27 @@ async def test_a_token_budget_ends_the_run_with_a_clear_error() -> None:
         )
     assert info.state == State.FAILED
     assert info.error is not None and "token budget of 30 used up" in info.error
+
+
+async def test_code_actions_run_in_the_sandbox_and_end_on_a_final_answer() -> None:
+    from llmos.tools.python import python
+
+    llm = ScriptedLLM(
+        [
+            "I will compute it.\n```python\nanswer = 6 * 7\nprint(answer)\n```",
+            "Thinking about what to do...",  # no action: told how to act
+            "```python\nanswer + 1\n```",  # variables persist; the final expression's value is shown
+            "Final answer: 42",
+        ]
+    )
+    config = load_config(env={"LLMOS_SANDBOX__BACKEND": "namespace"})
+    async with Kernel(config, llm=llm) as kernel:
+        kernel.tools.register(python)
+        code_spec = AgentSpec(tools=["python"], style="code").model_dump()
+        info = await kernel.run(run_agent, args={"spec": code_spec, "task": "What is 6 times 7?"})
+    assert info.state == State.DONE and info.result == "42"
+    assert llm.requests[0].tools == [] and "```python" in llm.requests[0].messages[0].content
+    assert "Output:\nstdout: 42" in llm.requests[1].messages[-1].content
+    assert "held no action" in llm.requests[2].messages[-1].content
+    assert "value: 43" in llm.requests[3].messages[-1].content
+    assert info.usage.tool_calls == 2

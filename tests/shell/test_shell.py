@@ -28,7 +28,7 @@ def test_shell_runs_a_task_lists_approves_and_kills(tmp_path: Path, llmos_home: 
         "PROMPT_TOOLKIT_NO_CPR": "1",
     }
     shell = pexpect.spawn(
-        sys.executable, ["-m", "llmos", "shell", "--model", f"scripted:{script}"],
+        sys.executable, ["-m", "llmos", "shell", "--agent", "assistant", "--model", f"scripted:{script}"],
         env=env, encoding="utf-8", timeout=30, dimensions=(50, 160),
     )  # fmt: skip
     try:
@@ -42,16 +42,16 @@ def test_shell_runs_a_task_lists_approves_and_kills(tmp_path: Path, llmos_home: 
         assert (llmos_home / "workspaces" / "1" / "note.txt").read_text() == "hello"
 
         shell.sendline("/ps")
-        shell.expect(r"1\s+-\s+coder\s+done")
+        shell.expect(r"1\s+-\s+assistant\s+done")
 
         shell.sendline("/spawn write in the background")
         shell.expect(r"approval needed \[2:2\] write_file")  # its first syscall is the model call
         shell.sendline("/ps")
-        shell.expect(r"2\s+-\s+coder\s+blocked-on-approval")
+        shell.expect(r"2\s+-\s+assistant\s+blocked-on-approval")
         shell.sendline("/kill 2")
         shell.expect("process 2 killed")
         shell.sendline("/ps -a")
-        shell.expect(r"2\s+-\s+coder\s+killed")
+        shell.expect(r"2\s+-\s+assistant\s+killed")
         assert not (llmos_home / "workspaces" / "2" / "background.txt").exists()
 
         shell.sendline("/exit")
