@@ -18,12 +18,14 @@ from llmos.kernel.kernel import boot_alive
 from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
 from llmos.kernel.trace import short, trace_lines
+from llmos.memory.cli import app as memory_app
 from llmos.shell import cli as shell_cli
 from llmos.tools.sandbox.cli import app as sandbox_app
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(memory_app, name="memory")
 app.command()(agent_cli.run)
 app.command()(agent_cli.resume)
 app.command()(shell_cli.shell)

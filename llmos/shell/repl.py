@@ -23,6 +23,7 @@ from llmos.agents.catalog import AGENTS
 from llmos.agents.render import EventPrinter
 from llmos.kernel import Kernel, KernelError, State
 from llmos.kernel.trace import trace_lines
+from llmos.memory.store import SHARED, namespace_for_agent
 
 HELP = """\
 type a task            run it with the current agent, streaming its steps
@@ -216,7 +217,14 @@ class Shell:
         self.console.print(f"model: {self._model()}")
 
     async def mem(self, args: list[str]) -> None:
-        self.console.print("long-term memory is not attached to this shell yet")
+        store = await self.kernel.memory()
+        if not args:
+            stats = await asyncio.to_thread(store.stats)
+            self.console.print(stats.model_dump_json(indent=2), markup=False)
+            return
+        namespaces = [SHARED, namespace_for_agent(self.agent.name)]
+        for hit in await asyncio.to_thread(store.search, " ".join(args), namespaces=namespaces, k=5):
+            self.console.print(f"{hit.score:.2f} [{hit.provenance.source}] {hit.text[:200]}", markup=False)
 
     async def help(self, args: list[str]) -> None:
         self.console.print(HELP, markup=False, highlight=False)
