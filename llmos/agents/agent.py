@@ -50,6 +50,12 @@ FINAL_ANSWER_WITH_SOURCES = ToolSpec(
 
 NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answer now.)"
 NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
+# Measured on qwen2.5-coder-0.5b: restating the task and naming the one reply wanted gets a final
+# answer; offering "or write more code" makes it re-run the same block forever.
+CODE_OBSERVATION = (
+    "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
+)
+CODE_FAILED = "The code failed:\n{output}\n\nTask: {task}\nFix the code and reply with a new code block."
 REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
 
 EventKind = Literal["step", "tool_call", "tool_result", "answer", "error"]
@@ -103,15 +109,16 @@ def _as_text(value: Any) -> str:
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
 FINAL_LINE = re.compile(r"final answer\s*:\s*(.+)", re.I)
 CODE_STYLE_RULES = (
-    "\n\nTo act, reply with one ```python code block: it runs in a sandbox and you will see its "
-    "output. Variables persist between blocks. print() what you need to see. "
-    "When you know the answer, reply with one line: Final answer: <the answer>"
+    "\n\nTo act, reply with one ```python code block that computes the whole answer and prints it. "
+    "It runs in a sandbox and you see its output. When the output answers the task, reply with one "
+    "line: Final answer: <the answer>"
 )
 
 
 def code_actions(text: str) -> list[ToolCall]:
     """Code-style actions in a reply: its first Python block, or its final answer."""
-    if block := CODE_BLOCK.search(text):
+    block = CODE_BLOCK.search(text)
+    if block and not FINAL_LINE.match(block.group(1).strip()):
         return [ToolCall(id="code", name="python", arguments={"code": block.group(1).strip()})]
     if final := FINAL_LINE.search(text):
         return [ToolCall(id="final", name=FINAL_ANSWER.name, arguments={"answer": final.group(1).strip()})]
@@ -179,9 +186,10 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             calls_made.append((call.name, call.arguments))
             # Small models tend to repeat a call that already worked: say what to do next.
             hint = REPEATED if repeated else (NEXT_AFTER_SUCCESS if ok else NEXT_AFTER_ERROR)
-            if code_style:
-                hint = hint.replace("call final_answer with the answer", "reply with 'Final answer: ...'")
-                messages.append(Message(role="user", content=f"Output:\n{seen}\n\n{hint}"))
+            if code_style:  # small coder models follow a restated task best
+                template = CODE_OBSERVATION if ok else CODE_FAILED
+                printed = seen.removeprefix("stdout: ") if seen.count(": ") == 1 else seen
+                messages.append(Message(role="user", content=template.format(output=printed, task=task)))
             else:
                 content = f"{seen}\n\n{hint}"
                 messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))

@@ -27,6 +27,10 @@ import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+try:
+    import autogen_agentchat  # noqa: F401  # only to fail with the fix in the message
+except ImportError as exc:
+    raise ImportError("AutoGen is not installed; install it with: pip install 'llmos[autogen]'") from exc
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.base import ChatAgent, TaskResult, Team, TerminationCondition
 from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermination
@@ -61,7 +65,6 @@ MEMBER_PROGRAM = f"{__name__}:team_member"
 TEAM_PROGRAM = f"{__name__}:team_program"
 # How long a team waits, after one of its members died, for a kill of the whole team to reach
 # it too (the kernel kills children before their parent); after that it fails on its own.
-MEMBER_DEATH_GRACE_S = 1.0
 # How long a stopped team waits for AutoGen's runtime to wind down once its model calls fail.
 STOP_TIMEOUT_S = 5.0
 # Settings a caller may pass in `extra_create_args`, all of them llm.chat arguments.
@@ -562,8 +565,7 @@ class TeamResult(BaseModel):
 
 
 def _live(kernel: Kernel, pid: int) -> Process:
-    # TODO(kernel): a public `Kernel.live_process(pid)` accessor would replace this.
-    proc = kernel._live.get(pid)
+    proc = kernel.live_process(pid)
     if proc is None:
         raise MemberDied(f"Process {pid} ended before its team could use it.")
     return proc
@@ -733,9 +735,10 @@ async def _run_guarded(
         dead = [member for member in members if member.finished.is_set()]
         if not dead:
             raise
-        # The kernel kills a team's members before the team: if that is what happens, this
-        # sleep is where the kill reaches us, and the team ends `killed` like its members.
-        await asyncio.sleep(MEMBER_DEATH_GRACE_S)
+        if proc.stop_reason is not None:
+            # The kernel is killing the team and has killed its members first: wait for our own
+            # cancellation, so the team ends `killed` like its members.
+            await asyncio.Event().wait()
         names = ", ".join(f"{m.info.name} (pid {m.pid}, {m.info.state.value})" for m in dead)
         raise MemberDied(f"Team member {names} ended while the team ran: {exc}") from None
 
@@ -745,12 +748,11 @@ async def _stop_members(proc: Process, pids: dict[str, int], *, cancelled: bool)
     if cancelled and proc.stop_reason is None:
         return  # the kernel is shutting down: members are interrupted with the team, to resume
     for pid in pids.values():
-        live = proc.kernel._live.get(pid)
+        live = proc.kernel.live_process(pid)
         if live is None or live.finished.is_set():
             continue
         if cancelled:
             # Not a syscall: a team stopped by its wall-time budget has every syscall refused.
-            # TODO(kernel): stopping a process for its budget could take its children along.
             await proc.kernel.kill(pid)
         else:
             await proc.syscall("msg.send", to=pid, body={"stop": True})

@@ -11,8 +11,7 @@ from llmos.tools.registry import Tool
 CODER = AgentSpec(
     name="coder",
     instructions=(
-        "You solve tasks by writing and running Python code. Always compute with code; never guess. "
-        "Give the final answer exactly as the code printed it."
+        "You solve tasks by writing and running Python code. Always compute with code; never guess."
     ),
     tools=["python"],
     style="code",

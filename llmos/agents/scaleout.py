@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import autogen_ext.runtimes.grpc  # noqa: F401  # only to fail with the fix in the message
+except ImportError as exc:
+    raise ImportError("AutoGen is not installed; install it with: pip install 'llmos[autogen]'") from exc
 from autogen_core import (
     AgentId,
     MessageContext,

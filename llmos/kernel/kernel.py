@@ -312,10 +312,15 @@ class Kernel:
             max(0.0, limit - proc.wall_time()), self._stop, proc, State.FAILED, reason
         )
 
-    def _stop(self, proc: Process, state: State, reason: str) -> None:
+    def _stop(self, proc: Process, state: State, reason: str, force: bool = False) -> None:
         if proc.task is not None and not proc.task.done():
-            proc.stop_reason = (state, reason)
+            if force or proc.stop_reason is None:
+                proc.stop_reason = (state, reason)
             proc.task.cancel()
+            # A process stopped by its budget takes its children with it.
+            for child in self.journal.children(proc.pid):
+                if child.pid in self._live:
+                    self._stop(self._live[child.pid], State.KILLED, f"parent {proc.pid} stopped: {reason}")
 
     async def wait(self, pid: int, timeout_s: float | None = None) -> ProcessInfo:
         """Wait until process `pid` finishes and return its final row of the process table."""
@@ -338,12 +343,14 @@ class Kernel:
 
     async def kill(self, pid: int) -> None:
         """Kill a process and all its descendants."""
+        proc = self._live.get(pid)
+        if proc is not None and proc.stop_reason is None:
+            proc.stop_reason = (State.KILLED, "killed")  # so it sees its children die as part of its own kill
         for child in self.journal.children(pid):
             if not child.state.finished:
                 await self.kill(child.pid)
-        proc = self._live.get(pid)
         if proc is not None:
-            self._stop(proc, State.KILLED, "killed")
+            self._stop(proc, State.KILLED, "killed", force=True)
             await proc.finished.wait()
             return
         info = self.process(pid)
@@ -374,6 +381,10 @@ class Kernel:
         self._start(info, fn, replay=self.journal.completed_results(pid))
         return pid
 
+    def live_process(self, pid: int) -> Process | None:
+        """The running process `pid` of this kernel (for adapters that act on its behalf), or None."""
+        return self._live.get(pid)
+
     def process(self, pid: int) -> ProcessInfo:
         proc = self._live.get(pid)
         if proc is not None:
@@ -403,6 +414,8 @@ class Kernel:
     # --- syscalls ---------------------------------------------------------------------------------
 
     async def dispatch(self, proc: Process, name: str, args: dict[str, Any]) -> Reply:
+        if proc.finished.is_set():
+            raise KernelError(f"Process {proc.pid} has ended ({proc.info.state.value}): no more syscalls.")
         seq = proc.next_seq()
         args_json = json.dumps(args, sort_keys=True, default=_jsonable)
         digest = hashlib.sha1(f"{name}{args_json}".encode()).hexdigest()[:16]

@@ -98,7 +98,7 @@ async def test_code_actions_run_in_the_sandbox_and_end_on_a_final_answer() -> No
         info = await kernel.run(run_agent, args={"spec": code_spec, "task": "What is 6 times 7?"})
     assert info.state == State.DONE and info.result == "42"
     assert llm.requests[0].tools == [] and "```python" in llm.requests[0].messages[0].content
-    assert "Output:\nstdout: 42" in llm.requests[1].messages[-1].content
+    assert "The code printed:\n42\n" in llm.requests[1].messages[-1].content
     assert "held no action" in llm.requests[2].messages[-1].content
     assert "value: 43" in llm.requests[3].messages[-1].content
     assert info.usage.tool_calls == 2
