@@ -55,6 +55,7 @@ NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try anoth
 CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
 )
+COMPUTE_FIRST = "Task: {task}\nDo not guess: compute the answer with a ```python code block first."
 CODE_FAILED = "The code failed:\n{output}\n\nTask: {task}\nFix the code and reply with a new code block."
 REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
 
@@ -138,7 +139,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
         else f"exactly one call to one of: {', '.join(t.name for t in tools)}"
     )
     messages = [Message(role="system", content=instructions), Message(role="user", content=task)]
-    calls_made: list[tuple[str, dict[str, Any]]] = []
+    calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
@@ -168,6 +169,10 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             continue
 
         for call in actions:
+            if code_style and call.name == FINAL_ANSWER.name and not any(ok for _, _, ok in calls_made):
+                event(proc, "error", step, message="an answer before any code ran")
+                messages.append(Message(role="user", content=COMPUTE_FIRST.format(task=task)))
+                break
             if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
                 answer = str(call.arguments["answer"])
                 if agent.cite_sources:
@@ -182,10 +187,14 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             seen = observation(outcome)
             ok = bool(outcome.ok and outcome.value.get("ok"))
             event(proc, "tool_result", step, tool=call.name, ok=ok, result=seen)
-            repeated = (call.name, call.arguments) in calls_made
-            calls_made.append((call.name, call.arguments))
+            repeated = any(call.name == name and call.arguments == args for name, args, _ in calls_made)
+            calls_made.append((call.name, call.arguments, ok))
             # Small models tend to repeat a call that already worked: say what to do next.
             hint = REPEATED if repeated else (NEXT_AFTER_SUCCESS if ok else NEXT_AFTER_ERROR)
+            if code_style and ok and (printed_final := FINAL_LINE.search(seen)):
+                answer = printed_final.group(1).strip()  # the code printed its final answer
+                event(proc, "answer", step, answer=answer)
+                return answer
             if code_style:  # small coder models follow a restated task best
                 template = CODE_OBSERVATION if ok else CODE_FAILED
                 printed = seen.removeprefix("stdout: ") if seen.count(": ") == 1 else seen
