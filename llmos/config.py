@@ -30,7 +30,9 @@ class Section(BaseModel):
 
 class LLMConfig(Section):
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="catalog name, .gguf path, or openai:NAME")
-    base_url: str | None = Field(None, description="OpenAI-compatible server; None runs the model locally")
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible server(s), comma-separated; None runs the model locally"
+    )
     api_key: str | None = None
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)

@@ -50,14 +50,23 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
             raise LLMError(
                 "Model 'openai:' names no model; write it as openai:NAME, e.g. openai:gpt-4o-mini."
             )
-        return OpenAIBackend(
-            config.llm.base_url or OPENAI_URL,
-            model=name,
-            api_key=config.llm.api_key,
-            timeout_s=config.llm.timeout_s,
-            max_retries=config.llm.max_retries,
-            context_length=config.llm.n_ctx,
-        )
+        urls = [url.strip() for url in (config.llm.base_url or OPENAI_URL).split(",") if url.strip()]
+        backends = [
+            OpenAIBackend(
+                url,
+                model=name,
+                api_key=config.llm.api_key,
+                timeout_s=config.llm.timeout_s,
+                max_retries=config.llm.max_retries,
+                context_length=config.llm.n_ctx,
+            )
+            for url in urls
+        ]
+        if len(backends) == 1:
+            return backends[0]
+        from llmos.cpu.pool import ServerPool
+
+        return ServerPool(backends)
 
     from llmos.cpu.llamacpp import LlamaCppBackend
     from llmos.cpu.models import ModelManager

@@ -41,13 +41,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m llama_cpp.server` with SmolLM2; yields its base URL (…/v1)."""
+@contextlib.contextmanager
+def llama_server(model: Path, log_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`python -m llama_cpp.server` with a model on loopback; yields its base URL (…/v1) and process."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_dir / f"server-{port}.log"
     cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path), "--host", "127.0.0.1",
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
     ]  # fmt: skip
     with log.open("wb") as out:
@@ -63,7 +63,7 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -71,6 +71,12 @@ def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with llama_server(smollm2_path, tmp_path_factory.mktemp("server")) as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -393,3 +399,29 @@ async def test_open_backend_runs_catalog_models_and_gguf_files_locally(
     await llm.aclose()
     with pytest.raises(LLMError, match="Unknown model 'gpt-17'; run `llmos models list`"):
         open_backend(config, "gpt-17")
+
+
+async def test_a_pool_spreads_calls_over_servers_and_survives_one_going_down(
+    server: str, smollm2_path: Path, tmp_path: Path
+) -> None:
+    from llmos.cpu.pool import ServerPool
+
+    with llama_server(smollm2_path, tmp_path) as (second, second_process):
+        config = Config(home=tmp_path, llm=LLMConfig(model="openai:smollm2", base_url=f"{server}, {second}"))
+        pool = open_backend(config)
+        assert isinstance(pool, ServerPool)
+        request = ChatRequest(messages=[Message(role="user", content="Say hi.")], max_tokens=4)
+        results = await asyncio.gather(*(pool.chat(request) for _ in range(4)))
+        assert all(r.finish_reason in ("stop", "length") and r.usage.prompt_tokens > 0 for r in results)
+        assert [s.served for s in pool.servers] == [2, 2]  # the least busy server gets each call
+
+        second_process.kill()
+        second_process.wait()
+        results = await asyncio.gather(*(pool.chat(request) for _ in range(3)))
+        assert len(results) == 3 and pool.servers[0].served == 5
+        assert not pool.servers[1].healthy
+        await pool.aclose()
+
+    everything_down = ServerPool([OpenAIBackend(second, model="smollm2", max_retries=0)])
+    with pytest.raises(LLMError, match="No server of the pool"):
+        await everything_down.chat(request)
