@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field
 from llmos.cpu.base import ChatResult, Message, ToolCall, ToolSpec
 from llmos.kernel.process import Process
 from llmos.kernel.syscalls import ErrorCode, Reply
+from llmos.memory.context import ContextBudget, ContextWindow
+from llmos.memory.store import namespace_for_agent
 
 FINAL_ANSWER = ToolSpec(
     name="final_answer",
@@ -52,6 +54,7 @@ NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answ
 NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
 # Measured on qwen2.5-coder-0.5b: restating the task and naming the one reply wanted gets a final
 # answer; offering "or write more code" makes it re-run the same block forever.
+SUMMARISE = "Summarise this part of a conversation in a few sentences; keep every fact."
 CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
 )
@@ -78,6 +81,9 @@ class AgentSpec(BaseModel):
     # "tools": each action is a JSON tool call (constrained decoding keeps it well formed);
     # "code": each action is a Python block that runs in the sandbox, REPL-style.
     style: Literal["tools", "code"] = "tools"
+    # True: a context window manager lays out every prompt within the model's context size,
+    # paging the oldest turns out to long-term memory (summarised) as the run grows.
+    memory: bool = False
 
 
 class AgentStopped(Exception):
@@ -126,6 +132,42 @@ def code_actions(text: str) -> list[ToolCall]:
     return []
 
 
+async def open_window(proc: Process, agent: AgentSpec, instructions: str) -> ContextWindow:
+    """A context window for this run. Summaries are LLM syscalls (charged, journaled, replayed);
+    the window is new for each boot and recalls nothing by itself, so a resumed run lays out
+    exactly the prompts it laid out before."""
+    backend = await proc.kernel.llm(agent.model)
+    n_ctx = backend.info.context_length
+
+    async def summarize(turns: list[Message]) -> str:
+        transcript = "\n".join(f"{m.role}: {m.content}" for m in turns)
+        reply = await proc.syscall(
+            "llm.chat",
+            messages=[
+                {
+                    "role": "system",
+                    "content": "Summarise this part of a conversation in a few sentences; keep facts.",
+                },
+                {"role": "user", "content": transcript},
+            ],
+            max_tokens=160,
+            model=agent.model,
+        )
+        return str(reply.unwrap()["text"])
+
+    return ContextWindow(
+        await proc.kernel.memory(),
+        namespace=namespace_for_agent(agent.name),
+        window_id=f"process-{proc.pid}-boot-{proc.kernel.boot_id}",
+        count_tokens=backend.count_tokens,
+        budget=ContextBudget.for_context(n_ctx, reserve_output=agent.max_tokens_per_step),
+        system=instructions,
+        summarize=summarize,
+        pid=proc.pid,
+        auto_recall=False,
+    )
+
+
 async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     """The agent program: `kernel.spawn(run_agent, args={"spec": ..., "task": ...})`."""
     agent = AgentSpec.model_validate(spec)
@@ -138,14 +180,22 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
         if code_style
         else f"exactly one call to one of: {', '.join(t.name for t in tools)}"
     )
-    messages = [Message(role="system", content=instructions), Message(role="user", content=task)]
+    window = await open_window(proc, agent, instructions) if agent.memory else None
+    messages = [Message(role="system", content=instructions)]
+
+    def add(message: Message) -> None:
+        messages.append(message)
+        if window is not None:
+            window.add(message)
+
+    add(Message(role="user", content=task))
     calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
         reply = await proc.syscall(
             "llm.chat",
-            messages=messages,
+            messages=await window.build() if window is not None else messages,
             tools=tools,
             tool_choice="none" if code_style else "required",
             stop=["\nOutput:", "\nObservation:"] if code_style else [],
@@ -158,20 +208,16 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             raise AgentStopped(f"the model call failed: {reply.error.message}")
         result = ChatResult.model_validate(reply.value)
         actions = code_actions(result.text) if code_style else result.tool_calls
-        messages.append(
-            Message(role="assistant", content=result.text, tool_calls=[] if code_style else actions)
-        )
+        add(Message(role="assistant", content=result.text, tool_calls=[] if code_style else actions))
         if not actions:
             event(proc, "error", step, message="the reply held no action", text=result.text[:200])
-            messages.append(
-                Message(role="user", content=f"Your reply held no action. Reply with {how_to_act}.")
-            )
+            add(Message(role="user", content=f"Your reply held no action. Reply with {how_to_act}."))
             continue
 
         for call in actions:
             if code_style and call.name == FINAL_ANSWER.name and not any(ok for _, _, ok in calls_made):
                 event(proc, "error", step, message="an answer before any code ran")
-                messages.append(Message(role="user", content=COMPUTE_FIRST.format(task=task)))
+                add(Message(role="user", content=COMPUTE_FIRST.format(task=task)))
                 break
             if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
                 answer = str(call.arguments["answer"])
@@ -198,10 +244,10 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             if code_style:  # small coder models follow a restated task best
                 template = CODE_OBSERVATION if ok else CODE_FAILED
                 printed = seen.removeprefix("stdout: ") if seen.count(": ") == 1 else seen
-                messages.append(Message(role="user", content=template.format(output=printed, task=task)))
+                add(Message(role="user", content=template.format(output=printed, task=task)))
             else:
                 content = f"{seen}\n\n{hint}"
-                messages.append(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))
+                add(Message(role="tool", name=call.name, tool_call_id=call.id, content=content))
 
     message = f"no answer after {agent.max_steps} steps; raise max_steps or give a simpler task"
     event(proc, "error", agent.max_steps, message=message)

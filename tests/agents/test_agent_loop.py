@@ -102,3 +102,30 @@ async def test_code_actions_run_in_the_sandbox_and_end_on_a_final_answer() -> No
     assert "held no action" in llm.requests[2].messages[-1].content
     assert "value: 43" in llm.requests[3].messages[-1].content
     assert info.usage.tool_calls == 2
+
+
+async def test_a_long_run_with_memory_stays_within_the_context_window() -> None:
+    """60 steps through a 512-token window: every prompt fits; old turns are summarised and archived."""
+    from llmos.cpu.base import ChatRequest
+
+    steps = 60
+
+    def reply(request: ChatRequest) -> str | ChatResult:
+        if request.messages[0].content.startswith("Summarise"):
+            return "Earlier the agent added numbers with the add tool."
+        done = sum(1 for m in request.messages if m.role == "tool")
+        return call("final_answer", answer="done") if done >= steps else call("add", a=done, b=1)
+
+    llm = ScriptedLLM([reply] * 200, context_length=512)
+    async with Kernel(load_config(), llm=llm) as kernel:
+        kernel.tools.register(add)
+        memory_spec = spec(memory=True, max_steps=steps + 5, max_tokens_per_step=64)
+        info = await kernel.run(run_agent, args={"spec": memory_spec, "task": "Count to sixty with add."})
+        archived = (await kernel.memory()).count()
+    assert info.state == State.FAILED or info.result == "done"
+    prompts = [r for r in llm.requests if not r.messages[0].content.startswith("Summarise")]
+    sizes = [sum(llm.count_tokens(m.content) + 6 for m in r.messages) for r in prompts]
+    assert max(sizes) <= 512 - 64
+    summaries = len(llm.requests) - len(prompts)
+    assert summaries >= 1 and archived > 0
+    assert info.usage.syscalls >= steps  # the summaries went through the kernel too: charged and journaled
