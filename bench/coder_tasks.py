@@ -30,10 +30,9 @@ TASKS: list[tuple[str, str]] = [
     ("What is 10 factorial?", "3628800"),
     ("How many times does the letter 's' occur in the word 'mississippi'?", "4"),
     ("What is the greatest common divisor of 1071 and 462?", "21"),
-    ("How many days are there from 2024-01-01 to 2024-12-31, counting neither end... "
-     "that is, what is (date(2024,12,31) - date(2024,1,1)).days?", "365"),
+    ("How many days lie between the dates 2024-01-01 and 2024-12-31 (their difference in days)?", "365"),
     ("What is the string 'llmos kernel' reversed?", "lenrek somll"),
-    ("How many integers from 1 to 1000 are divisible by 3 or by 5?", "466"),
+    ("How many integers from 1 to 1000 (inclusive) are divisible by 3 or by 5?", "467"),
 ]  # fmt: skip
 
 

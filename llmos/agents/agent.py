@@ -115,20 +115,20 @@ def _as_text(value: Any) -> str:
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
 FINAL_LINE = re.compile(r"final answer\s*:\s*(.+)", re.I)
+# The first turn asks only for code: told about "Final answer:" up front, qwen2.5-coder-0.5b
+# writes print(Final answer: {x}). Each observation then says how to answer (CODE_OBSERVATION).
 CODE_STYLE_RULES = (
-    "\n\nTo act, reply with one ```python code block that computes the whole answer and prints it. "
-    "It runs in a sandbox and you see its output. When the output answers the task, reply with one "
-    "line: Final answer: <the answer>"
+    "\n\nReply with one ```python code block that computes the whole answer and prints it. "
+    "It runs in a sandbox and you will see what it prints."
 )
 
 
 def code_actions(text: str) -> list[ToolCall]:
     """Code-style actions in a reply: its first Python block, or its final answer."""
-    block = CODE_BLOCK.search(text)
-    if block and not FINAL_LINE.match(block.group(1).strip()):
-        return [ToolCall(id="code", name="python", arguments={"code": block.group(1).strip()})]
-    if final := FINAL_LINE.search(text):
+    if final := FINAL_LINE.search(text):  # also inside a code block, where small models put it
         return [ToolCall(id="final", name=FINAL_ANSWER.name, arguments={"answer": final.group(1).strip()})]
+    if block := CODE_BLOCK.search(text):
+        return [ToolCall(id="code", name="python", arguments={"code": block.group(1).strip()})]
     return []
 
 
