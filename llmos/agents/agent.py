@@ -123,6 +123,15 @@ CODE_STYLE_RULES = (
 )
 
 
+def earlier_output(call: ToolCall, outputs: dict[str, str]) -> str | None:
+    """The one short printed line of an earlier successful run of exactly this code, if any."""
+    seen = outputs.get(json.dumps(call.arguments, sort_keys=True))
+    if seen is None or not seen.startswith("stdout: "):
+        return None
+    printed = seen.removeprefix("stdout: ").strip()
+    return printed if printed and "\n" not in printed and len(printed) <= 200 else None
+
+
 def code_actions(text: str) -> list[ToolCall]:
     """Code-style actions in a reply: its first Python block, or its final answer."""
     if final := FINAL_LINE.search(text):  # also inside a code block, where small models put it
@@ -190,6 +199,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
 
     add(Message(role="user", content=task))
     calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
+    outputs: dict[str, str] = {}  # what each successful call showed, by its arguments
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
@@ -225,6 +235,11 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                     answer += f" [sources: {', '.join(map(str, call.arguments.get('sources', [])))}]"
                 event(proc, "answer", step, answer=answer)
                 return answer
+            if code_style and (printed := earlier_output(call, outputs)) is not None:
+                # Re-running code that already printed one short line is how a small model that
+                # is stuck says "this is it": take that line as its answer instead of looping.
+                event(proc, "answer", step, answer=printed, note="the model re-ran the same code")
+                return printed
             event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)
             outcome = await proc.syscall("tool.call", name=call.name, arguments=call.arguments)
             if outcome.error is not None and outcome.error.code == ErrorCode.BUDGET:
@@ -232,6 +247,8 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 raise AgentStopped(outcome.error.message)
             seen = observation(outcome)
             ok = bool(outcome.ok and outcome.value.get("ok"))
+            if ok:
+                outputs[json.dumps(call.arguments, sort_keys=True)] = seen
             event(proc, "tool_result", step, tool=call.name, ok=ok, result=seen)
             repeated = any(call.name == name and call.arguments == args for name, args, _ in calls_made)
             calls_made.append((call.name, call.arguments, ok))

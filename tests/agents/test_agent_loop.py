@@ -129,3 +129,15 @@ async def test_a_long_run_with_memory_stays_within_the_context_window() -> None:
     summaries = len(llm.requests) - len(prompts)
     assert summaries >= 1 and archived > 0
     assert info.usage.syscalls >= steps  # the summaries went through the kernel too: charged and journaled
+
+
+async def test_a_model_that_reruns_the_same_code_gets_its_printed_line_as_the_answer() -> None:
+    from llmos.tools.python import python
+
+    block = "```python\nprint(sum(range(10)))\n```"
+    llm = ScriptedLLM([block, block, block])
+    async with Kernel(load_config(env={"LLMOS_SANDBOX__BACKEND": "namespace"}), llm=llm) as kernel:
+        kernel.tools.register(python)
+        code_spec = AgentSpec(tools=["python"], style="code").model_dump()
+        info = await kernel.run(run_agent, args={"spec": code_spec, "task": "Sum 0..9."})
+    assert info.result == "45" and info.usage.tool_calls == 1 and len(llm.requests) == 2
