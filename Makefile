@@ -11,8 +11,10 @@ export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
 .PHONY: run test setup python-deps system-deps models lint typecheck bench clean
 
+TASK ?= What is the sum of all the prime numbers below 1000?
+
 run: setup
-	$(PY) examples/hello_kernel.py
+	$(LLMOS) run --agent coder "$(TASK)"
 
 test: setup lint typecheck
 	$(PY) -m pytest -q
@@ -41,9 +43,7 @@ system-deps:
 	fi
 
 models: python-deps
-	$(LLMOS) models pull smollm2-135m-instruct
-	$(LLMOS) models pull qwen2.5-coder-0.5b-instruct
-	$(LLMOS) models pull all-minilm-l6-v2
+	$(LLMOS) models pull smollm2-135m-instruct qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
 
 lint: python-deps
 	$(VENV)/bin/ruff check llmos tests bench examples
