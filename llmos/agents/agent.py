@@ -118,8 +118,8 @@ FINAL_LINE = re.compile(r"final answer\s*:\s*(.+)", re.I)
 # The first turn asks only for code: told about "Final answer:" up front, qwen2.5-coder-0.5b
 # writes print(Final answer: {x}). Each observation then says how to answer (CODE_OBSERVATION).
 CODE_STYLE_RULES = (
-    "\n\nReply with one ```python code block that computes the whole answer and prints it. "
-    "It runs in a sandbox and you will see what it prints."
+    "\n\nReply with one ```python code block: a Python program that computes the answer and prints it "
+    "with print(). It runs in a sandbox and you will see what it prints."
 )
 
 
