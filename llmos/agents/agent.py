@@ -54,6 +54,7 @@ NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answ
 NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
 # Measured on qwen2.5-coder-0.5b: restating the task and naming the one reply wanted gets a final
 # answer; offering "or write more code" makes it re-run the same block forever.
+RESAMPLE_TEMPERATURE = 0.8
 SUMMARISE = "Summarise this part of a conversation in a few sentences; keep every fact."
 CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
@@ -200,6 +201,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     add(Message(role="user", content=task))
     calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
     outputs: dict[str, str] = {}  # what each successful call showed, by its arguments
+    stuck = False  # the last reply repeated an action that had failed
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
@@ -210,9 +212,12 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             tool_choice="none" if code_style else "required",
             stop=["\nOutput:", "\nObservation:"] if code_style else [],
             max_tokens=agent.max_tokens_per_step,
-            temperature=agent.temperature,
+            # Stuck on an action that failed before: sample (seeded, so a replay matches) to get out.
+            temperature=RESAMPLE_TEMPERATURE if stuck else agent.temperature,
+            seed=step if stuck else None,
             model=agent.model,
         )
+        stuck = False
         if reply.error is not None:
             event(proc, "error", step, message=reply.error.message)
             raise AgentStopped(f"the model call failed: {reply.error.message}")
@@ -240,6 +245,11 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 # is stuck says "this is it": take that line as its answer instead of looping.
                 event(proc, "answer", step, answer=printed, note="the model re-ran the same code")
                 return printed
+            if any(call.name == name and call.arguments == args and not ok for name, args, ok in calls_made):
+                stuck = True
+                event(proc, "error", step, message="the model repeated an action that failed")
+                add(Message(role="user", content=f"That failed before. Try a different way.\nTask: {task}"))
+                break
             event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)
             outcome = await proc.syscall("tool.call", name=call.name, arguments=call.arguments)
             if outcome.error is not None and outcome.error.code == ErrorCode.BUDGET:
