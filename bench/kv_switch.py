@@ -12,7 +12,7 @@ then the same naive turn), so load from other processes hits both alike. Prints 
 mean time to first token per turn (all turns, and turns 2+, where every turn is a switch back to
 a session), the ratios, and one JSON line.
 
-    .venv/bin/python bench/kv_switch.py [--model smollm2-135m-instruct] [--sessions 4] [--turns 3]
+    .venv/bin/python bench/kv_switch.py [--model qwen2.5-coder-0.5b-instruct] [--sessions 4] [--turns 3]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Side:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--turns", type=int, default=3)
     args = parser.parse_args()
