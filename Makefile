@@ -24,6 +24,7 @@ setup: system-deps python-deps models
 $(PY):
 	@echo "==> creating $(VENV)"
 	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	@echo "==> installing llmos and its dependencies (the first run compiles llama-cpp-python: about 5 minutes)"
