@@ -60,6 +60,10 @@ CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
 )
 COMPUTE_FIRST = "Task: {task}\nDo not guess: compute the answer with a ```python code block first."
+CHECK_ANSWER = (
+    "Your answer {answer!r} is not what the code printed. The code printed:\n{last}\n"
+    "Reply 'Final answer: <answer>' with the printed result."
+)
 CODE_FAILED = "The code failed:\n{output}\n\nTask: {task}\nFix the code and reply with a new code block."
 REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
 
@@ -202,6 +206,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
     outputs: dict[str, str] = {}  # what each successful call showed, by its arguments
     stuck = False  # the last reply repeated an action that had failed
+    checked_answer = False  # an answer was sent back once for not matching any printed output
 
     for step in range(1, agent.max_steps + 1):
         event(proc, "step", step)
@@ -234,6 +239,15 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 event(proc, "error", step, message="an answer before any code ran")
                 add(Message(role="user", content=COMPUTE_FIRST.format(task=task)))
                 break
+            answer_text = str(call.arguments.get("answer", "")).strip()
+            if code_style and call.name == FINAL_ANSWER.name and not checked_answer and outputs:
+                last = list(outputs.values())[-1].removeprefix("stdout: ").strip()
+                if answer_text not in "\n".join(outputs.values()):
+                    # Once: an answer no code printed is shown the last output to compare with.
+                    checked_answer = True
+                    event(proc, "error", step, message="the answer is not what the code printed")
+                    add(Message(role="user", content=CHECK_ANSWER.format(answer=answer_text, last=last)))
+                    break
             if call.name == FINAL_ANSWER.name and isinstance(call.arguments.get("answer"), str | int | float):
                 answer = str(call.arguments["answer"])
                 if agent.cite_sources:
