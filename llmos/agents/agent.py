@@ -54,7 +54,7 @@ NEXT_AFTER_SUCCESS = "(If this answers the task, call final_answer with the answ
 NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try another way.)"
 # Measured on qwen2.5-coder-0.5b: restating the task and naming the one reply wanted gets a final
 # answer; offering "or write more code" makes it re-run the same block forever.
-RESAMPLE_TEMPERATURE = 0.8
+RESAMPLE_TEMPERATURE = 1.0
 SUMMARISE = "Summarise this part of a conversation in a few sentences; keep every fact."
 CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
@@ -63,6 +63,10 @@ COMPUTE_FIRST = "Task: {task}\nDo not guess: compute the answer with a ```python
 CHECK_ANSWER = (
     "Your answer {answer!r} is not what the code printed. The code printed:\n{last}\n"
     "Reply 'Final answer: <answer>' with the printed result."
+)
+REPEATED_FAILURE = (
+    "You sent the same code again, and it fails the same way:\n{error}\n"
+    "Write a different, simpler program that avoids this error. Task: {task}"
 )
 CODE_FAILED = "The code failed:\n{output}\n\nTask: {task}\nFix the code and reply with a new code block."
 REPEATED = "(You made this exact call before and saw its result: do not repeat it, answer or change it.)"
@@ -205,6 +209,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
     add(Message(role="user", content=task))
     calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
     outputs: dict[str, str] = {}  # what each successful call showed, by its arguments
+    failures: dict[str, str] = {}  # and each failed one
     stuck = False  # the last reply repeated an action that had failed
     checked_answer = False  # an answer was sent back once for not matching any printed output
 
@@ -262,7 +267,8 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             if any(call.name == name and call.arguments == args and not ok for name, args, ok in calls_made):
                 stuck = True
                 event(proc, "error", step, message="the model repeated an action that failed")
-                add(Message(role="user", content=f"That failed before. Try a different way.\nTask: {task}"))
+                error = failures.get(json.dumps(call.arguments, sort_keys=True), "")
+                add(Message(role="user", content=REPEATED_FAILURE.format(error=error[-300:], task=task)))
                 break
             event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)
             outcome = await proc.syscall("tool.call", name=call.name, arguments=call.arguments)
@@ -271,8 +277,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 raise AgentStopped(outcome.error.message)
             seen = observation(outcome)
             ok = bool(outcome.ok and outcome.value.get("ok"))
-            if ok:
-                outputs[json.dumps(call.arguments, sort_keys=True)] = seen
+            (outputs if ok else failures)[json.dumps(call.arguments, sort_keys=True)] = seen
             event(proc, "tool_result", step, tool=call.name, ok=ok, result=seen)
             repeated = any(call.name == name and call.arguments == args for name, args, _ in calls_made)
             calls_made.append((call.name, call.arguments, ok))
