@@ -141,3 +141,28 @@ async def test_a_model_that_reruns_the_same_code_gets_its_printed_line_as_the_an
         code_spec = AgentSpec(tools=["python"], style="code").model_dump()
         info = await kernel.run(run_agent, args={"spec": code_spec, "task": "Sum 0..9."})
     assert info.result == "45" and info.usage.tool_calls == 1 and len(llm.requests) == 2
+
+
+async def test_kill_cancels_a_run_in_the_middle_of_a_tool_call() -> None:
+    import asyncio
+    import time
+
+    from llmos.tools.python import python
+
+    llm = ScriptedLLM(["```python\nimport time\nwhile True:\n    time.sleep(0.1)\n```"])
+    env = {"LLMOS_SANDBOX__BACKEND": "namespace", "LLMOS_SANDBOX__LIMITS__WALL_TIME_S": "120"}
+    config = load_config(env=env)
+    async with Kernel(config, llm=llm) as kernel:
+        kernel.tools.register(python)
+        code_spec = AgentSpec(tools=["python"], style="code").model_dump()
+        pid = await kernel.spawn(run_agent, args={"spec": code_spec, "task": "Loop forever."})
+        while not any(e.name == "tool.call" and e.kind == "call" for e in kernel.log(pid)):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the code is running in the sandbox now
+        started = time.monotonic()
+        await kernel.kill(pid)
+        assert time.monotonic() - started < 5
+        assert kernel.process(pid).state == State.KILLED
+        sandbox = await kernel.sandbox()
+        result = await sandbox.exec(str(pid + 100), "1 + 1")  # the sandbox still serves others
+        assert result.value == "2"
