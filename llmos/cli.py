@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 from importlib.metadata import version
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmos.agents import cli as agent_cli
 from llmos.config import Config, ConfigError, config_file_path, load_config
+from llmos.cpu.base import LLMError
 from llmos.cpu.cli import app as models_app
 from llmos.kernel.journal import Journal
-from llmos.kernel.kernel import boot_alive
+from llmos.kernel.kernel import KernelError, boot_alive
 from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
 from llmos.kernel.trace import short, trace_lines
 from llmos.memory.cli import app as memory_app
+from llmos.memory.store import MemoryStoreError
 from llmos.shell import cli as shell_cli
 from llmos.tools.sandbox.cli import app as sandbox_app
 
@@ -51,14 +55,6 @@ def main_options(
     pass
 
 
-def _config() -> Config:
-    try:
-        return load_config()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
 def _open_journal(config: Config) -> Journal:
     if not config.journal_path.exists():
         err.print(
@@ -81,7 +77,7 @@ def ps(
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished processes.")] = False,
 ) -> None:
     """List processes: state, tokens, tool calls and time used."""
-    config = _config()
+    config = load_config()
     journal = _open_journal(config)
     table = Table("PID", "PPID", "NAME", "STATE", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
     for info in journal.processes():
@@ -105,7 +101,7 @@ def ps(
 @app.command("log")
 def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos ps --all`.")]) -> None:
     """A process's syscall trace, like strace."""
-    journal = _open_journal(_config())
+    journal = _open_journal(load_config())
     if journal.process(pid) is None:
         err.print(f"No process {pid}; `llmos ps --all` lists them.")
         raise typer.Exit(1)
@@ -116,7 +112,7 @@ def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos
 @app.command()
 def approvals() -> None:
     """List the actions waiting for a person's approval."""
-    journal = _open_journal(_config())
+    journal = _open_journal(load_config())
     table = Table("KEY", "PID", "TOOL", "RISK", "WHY", "ARGUMENTS", box=None)
     for approval in Approvals(journal.db).pending():
         table.add_row(
@@ -136,7 +132,7 @@ def approve(
     deny: Annotated[bool, typer.Option("--deny", help="Decline instead of approving.")] = False,
 ) -> None:
     """Approve (or --deny) a pending action; the blocked process goes on, now or when resumed."""
-    journal = _open_journal(_config())
+    journal = _open_journal(load_config())
     try:
         approval = Approvals(journal.db).answer(key, approve=not deny)
     except LookupError as exc:
@@ -148,7 +144,7 @@ def approve(
 @config_app.command("show")
 def config_show() -> None:
     """Print the configuration in effect (defaults < config file < LLMOS_* variables) as TOML-like text."""
-    config = _config()
+    config = load_config()
     out.print(f"# file: {config_file_path()}", markup=False, highlight=False)
     data = config.model_dump(mode="json")
     sections = {key: value for key, value in data.items() if isinstance(value, dict)}
@@ -174,4 +170,9 @@ def _print_section(name: str, values: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    app()
+    """Errors a user must fix (config, model, kernel, memory) end as one sentence, not a traceback."""
+    try:
+        app()
+    except (ConfigError, LLMError, KernelError, MemoryStoreError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)

@@ -12,20 +12,12 @@ from rich.console import Console
 from llmos.agents.agent import run_agent
 from llmos.agents.catalog import AGENTS, agent_spec, default_tools
 from llmos.agents.render import EventPrinter
-from llmos.config import Config, ConfigError, load_config
+from llmos.config import load_config
 from llmos.cpu.base import LLMError
 from llmos.kernel import Kernel, KernelError, ProcessInfo, State
 
 out = Console()
 err = Console(stderr=True)
-
-
-def _config() -> Config:
-    try:
-        return load_config()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
 
 
 async def _load_model(kernel: Kernel, model: str | None) -> None:
@@ -62,7 +54,7 @@ def run(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
 ) -> None:
     """Run an agent on a task, streaming its steps; exits non-zero if it fails."""
-    config = _config()
+    config = load_config()
     try:
         spec = agent_spec(agent)
     except KeyError as exc:
@@ -87,7 +79,7 @@ def run(
 
 def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from `llmos ps`.")]) -> None:
     """Continue an interrupted process: finished steps are replayed from the journal, not re-run."""
-    config = _config()
+    config = load_config()
 
     async def main() -> ProcessInfo:
         async with Kernel(config) as kernel:
