@@ -132,10 +132,13 @@ CODE_STYLE_RULES = (
 )
 
 
-def earlier_output(call: ToolCall, outputs: dict[str, str]) -> str | None:
-    """The one short printed line of an earlier successful run of exactly this code, if any."""
-    seen = outputs.get(json.dumps(call.arguments, sort_keys=True))
-    if seen is None or not seen.startswith("stdout: "):
+def call_key(call: ToolCall) -> str:
+    return json.dumps([call.name, call.arguments], sort_keys=True)
+
+
+def one_printed_line(worked: bool, seen: str) -> str | None:
+    """The one short line a successful code run printed, if that is all it showed."""
+    if not worked or not seen.startswith("stdout: "):
         return None
     printed = seen.removeprefix("stdout: ").strip()
     return printed if printed and "\n" not in printed and len(printed) <= 200 else None
@@ -207,9 +210,7 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             window.add(message)
 
     add(Message(role="user", content=task))
-    calls_made: list[tuple[str, dict[str, Any], bool]] = []  # name, arguments, whether it worked
-    outputs: dict[str, str] = {}  # what each successful call showed, by its arguments
-    failures: dict[str, str] = {}  # and each failed one
+    results: dict[str, tuple[bool, str]] = {}  # each call made (call_key): did it work, what it showed
     stuck = False  # the last reply repeated an action that had failed
     checked_answer = False  # an answer was sent back once for not matching any printed output
 
@@ -240,14 +241,15 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
             continue
 
         for call in actions:
-            if code_style and call.name == FINAL_ANSWER.name and not any(ok for _, _, ok in calls_made):
+            outputs = [seen for worked, seen in results.values() if worked]
+            if code_style and call.name == FINAL_ANSWER.name and not outputs:
                 event(proc, "error", step, message="an answer before any code ran")
                 add(Message(role="user", content=COMPUTE_FIRST.format(task=task)))
                 break
             answer_text = str(call.arguments.get("answer", "")).strip()
             if code_style and call.name == FINAL_ANSWER.name and not checked_answer and outputs:
-                last = list(outputs.values())[-1].removeprefix("stdout: ").strip()
-                if answer_text not in "\n".join(outputs.values()):
+                last = outputs[-1].removeprefix("stdout: ").strip()
+                if answer_text not in "\n".join(outputs):
                     # Once: an answer no code printed is shown the last output to compare with.
                     checked_answer = True
                     event(proc, "error", step, message="the answer is not what the code printed")
@@ -259,16 +261,16 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                     answer += f" [sources: {', '.join(map(str, call.arguments.get('sources', [])))}]"
                 event(proc, "answer", step, answer=answer)
                 return answer
-            if code_style and (printed := earlier_output(call, outputs)) is not None:
+            earlier = results.get(call_key(call))
+            if code_style and earlier is not None and (printed := one_printed_line(*earlier)) is not None:
                 # Re-running code that already printed one short line is how a small model that
                 # is stuck says "this is it": take that line as its answer instead of looping.
                 event(proc, "answer", step, answer=printed, note="the model re-ran the same code")
                 return printed
-            if any(call.name == name and call.arguments == args and not ok for name, args, ok in calls_made):
+            if earlier is not None and not earlier[0]:
                 stuck = True
                 event(proc, "error", step, message="the model repeated an action that failed")
-                error = failures.get(json.dumps(call.arguments, sort_keys=True), "")
-                add(Message(role="user", content=REPEATED_FAILURE.format(error=error[-300:], task=task)))
+                add(Message(role="user", content=REPEATED_FAILURE.format(error=earlier[1][-300:], task=task)))
                 break
             event(proc, "tool_call", step, tool=call.name, arguments=call.arguments)
             outcome = await proc.syscall("tool.call", name=call.name, arguments=call.arguments)
@@ -277,10 +279,9 @@ async def run_agent(proc: Process, spec: dict[str, Any], task: str) -> str:
                 raise AgentStopped(outcome.error.message)
             seen = observation(outcome)
             ok = bool(outcome.ok and outcome.value.get("ok"))
-            (outputs if ok else failures)[json.dumps(call.arguments, sort_keys=True)] = seen
+            results[call_key(call)] = (ok, seen)
             event(proc, "tool_result", step, tool=call.name, ok=ok, result=seen)
-            repeated = any(call.name == name and call.arguments == args for name, args, _ in calls_made)
-            calls_made.append((call.name, call.arguments, ok))
+            repeated = earlier is not None
             # Small models tend to repeat a call that already worked: say what to do next.
             hint = REPEATED if repeated else (NEXT_AFTER_SUCCESS if ok else NEXT_AFTER_ERROR)
             if code_style and ok and (printed_final := FINAL_LINE.search(seen)):
