@@ -99,22 +99,26 @@ async def bench_llmos(
     return figures
 
 
-async def bench_autogen_local(cold_runs: int, warm_calls: int) -> dict[str, Any]:
+async def bench_autogen_executor(
+    make: Callable[[str], Any], label: str, cold_runs: int, warm_calls: int, work_mode: int | None = None
+) -> dict[str, Any]:
+    """Cold start (create, start, first run) and warm runs of an AutoGen code executor."""
     from autogen_core import CancellationToken
     from autogen_core.code_executor import CodeBlock
-    from autogen_ext.code_executors.local import LocalCommandLineCodeExecutor
 
     block = [CodeBlock(code=CODE, language="python")]
     colds: list[float] = []
     warms: list[float] = []
     for run in range(cold_runs):
         with tempfile.TemporaryDirectory() as work:
+            if work_mode is not None:
+                os.chmod(work, work_mode)
             started = time.perf_counter()
-            executor = LocalCommandLineCodeExecutor(work_dir=work, timeout=60)
+            executor = make(work)
             await executor.start()
             result = await executor.execute_code_blocks(block, CancellationToken())
             colds.append(time.perf_counter() - started)
-            check(result.output, "autogen local")
+            check(result.output, label)
             if run == 0:
                 for _ in range(warm_calls):
                     took, result = await timed(
@@ -123,6 +127,15 @@ async def bench_autogen_local(cold_runs: int, warm_calls: int) -> dict[str, Any]
                     warms.append(took)
             await executor.stop()
     return {"cold": summary(colds), "warm": summary(warms)}
+
+
+async def bench_autogen_local(cold_runs: int, warm_calls: int) -> dict[str, Any]:
+    from autogen_ext.code_executors.local import LocalCommandLineCodeExecutor
+
+    def make(work: str) -> Any:
+        return LocalCommandLineCodeExecutor(work_dir=work, timeout=60)
+
+    return await bench_autogen_executor(make, "autogen local", cold_runs, warm_calls)
 
 
 def autogen_image(config: Config) -> str:
@@ -144,31 +157,15 @@ def autogen_image(config: Config) -> str:
 
 
 async def bench_autogen_docker(config: Config, cold_runs: int, warm_calls: int) -> dict[str, Any]:
-    from autogen_core import CancellationToken
-    from autogen_core.code_executor import CodeBlock
     from autogen_ext.code_executors.docker import DockerCommandLineCodeExecutor
 
     image = autogen_image(config)
-    block = [CodeBlock(code=CODE, language="python")]
-    colds: list[float] = []
-    warms: list[float] = []
-    for run in range(cold_runs):
-        with tempfile.TemporaryDirectory() as work:
-            os.chmod(work, 0o777)  # the image runs as the non-root sandbox uid
-            started = time.perf_counter()
-            executor = DockerCommandLineCodeExecutor(image=image, work_dir=work, timeout=60)
-            await executor.start()
-            result = await executor.execute_code_blocks(block, CancellationToken())
-            colds.append(time.perf_counter() - started)
-            check(result.output, "autogen docker")
-            if run == 0:
-                for _ in range(warm_calls):
-                    took, result = await timed(
-                        partial(executor.execute_code_blocks, block, CancellationToken())
-                    )
-                    warms.append(took)
-            await executor.stop()
-    return {"cold": summary(colds), "warm": summary(warms)}
+
+    def make(work: str) -> Any:
+        return DockerCommandLineCodeExecutor(image=image, work_dir=work, timeout=60)
+
+    # The image runs as the non-root sandbox uid: it must be able to write the work dir.
+    return await bench_autogen_executor(make, "autogen docker", cold_runs, warm_calls, work_mode=0o777)
 
 
 @contextlib.contextmanager
