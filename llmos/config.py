@@ -39,6 +39,9 @@ class LLMConfig(Section):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(3, ge=0)
     kv_cache_mb: int = Field(512, ge=0, description="disk budget for per-process KV snapshots")
+    prefix_cache_mb: int = Field(
+        256, ge=0, description="disk budget for system-prompt KV states shared by every run (0: off)"
+    )
 
 
 class JournalConfig(Section):

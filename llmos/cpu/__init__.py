@@ -80,6 +80,7 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
         threads=config.llm.threads,
         kv_dir=config.home / "kv",
         kv_cache_mb=config.llm.kv_cache_mb,
+        prefix_cache_mb=config.llm.prefix_cache_mb,
     )
 
 

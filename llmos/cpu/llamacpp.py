@@ -11,6 +11,11 @@ What this backend adds on top of the library:
   written to a file (`llama_state_save_file`, ~10 ms per 1,000 tokens); when A comes back it is
   loaded instead of prefilling A's history again. Snapshot files live under `kv_dir` within an LRU
   size budget (`kv_cache_mb`).
+- A prefix cache shared by every process and run on the machine: the KV state of a long system
+  prompt is saved once, in a file named by the model and the prompt's tokens, and loaded wherever
+  that prompt starts a conversation again (the next `llmos run` of the same agent, a second process
+  with it, a restarted kernel), so the system prompt is never prefilled twice. LRU within
+  `prefix_cache_mb`, recency kept in the files' mtimes so concurrent processes share one budget.
 - Tool calls and structured output through a GBNF grammar built from the JSON schema of
   `llmos.cpu.toolcalls`, validated, with a bounded repair loop.
 - Logprobs computed from the logits row that produced each token (read right after the step that
@@ -70,6 +75,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _MB = 1024 * 1024
+# Shorter system prompts are cheaper to evaluate than to keep a file for.
+PREFIX_MIN_TOKENS = 128
 
 
 class ContextOverflowError(LLMError):
@@ -143,6 +150,29 @@ def _release_engine(engine: _Engine) -> None:
 # --------------------------------------------------------------------------- KV snapshots
 
 
+def _save_state(llm: llama_cpp.Llama, path: Path, tokens: list[int]) -> bool:
+    """Write the context's KV state, which holds `tokens`, to `path`."""
+    array = (llama_cpp.llama_token * len(tokens))(*tokens)
+    return bool(llama_cpp.llama_state_save_file(llm._ctx.ctx, str(path).encode(), array, len(tokens)))
+
+
+def _load_state(llm: llama_cpp.Llama, path: Path) -> bool:
+    capacity = llm.n_ctx()
+    tokens = (llama_cpp.llama_token * capacity)()
+    count = ctypes.c_size_t(0)
+    if not llama_cpp.llama_state_load_file(
+        llm._ctx.ctx, str(path).encode(), tokens, capacity, ctypes.byref(count)
+    ):
+        # The context may hold a half-written state now: forget all of it (the next eval drops
+        # every KV cell past n_tokens).
+        llm.n_tokens = 0
+        return False
+    n = count.value
+    llm.input_ids[:n] = tokens[:n]
+    llm.n_tokens = n
+    return True
+
+
 @dataclass
 class _Snapshot:
     path: Path
@@ -185,8 +215,7 @@ class _SnapshotStore:
         name = hashlib.sha256(session.encode()).hexdigest()[:24]
         path = self.directory / f"{name}.kv"
         partial = path.with_suffix(".partial")
-        array = (llama_cpp.llama_token * n)(*tokens)
-        if not llama_cpp.llama_state_save_file(llm._ctx.ctx, str(partial).encode(), array, n):
+        if not _save_state(llm, partial, tokens):
             partial.unlink(missing_ok=True)
             self.drop(session)
             return
@@ -196,20 +225,7 @@ class _SnapshotStore:
         self._evict()
 
     def load(self, llm: llama_cpp.Llama, snapshot: _Snapshot) -> bool:
-        capacity = llm.n_ctx()
-        tokens = (llama_cpp.llama_token * capacity)()
-        count = ctypes.c_size_t(0)
-        if not llama_cpp.llama_state_load_file(
-            llm._ctx.ctx, str(snapshot.path).encode(), tokens, capacity, ctypes.byref(count)
-        ):
-            # The context may hold a half-written state now: forget all of it (the next eval
-            # drops every KV cell past n_tokens).
-            llm.n_tokens = 0
-            return False
-        n = count.value
-        llm.input_ids[:n] = tokens[:n]
-        llm.n_tokens = n
-        return True
+        return _load_state(llm, snapshot.path)
 
     def drop(self, session: str) -> None:
         snapshot = self._entries.pop(session, None)
@@ -224,6 +240,65 @@ class _SnapshotStore:
     def close(self) -> None:
         self._entries.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _PrefixCache:
+    """KV states of system prompts, one file each, shared by every backend of one model file.
+
+    A file's name hashes the model file's identity, the llama.cpp version and the prefix's tokens,
+    so a state is only ever loaded into the model that computed it, for exactly that prefix. Files
+    are written under a temporary name and renamed, so readers in other processes never see half a
+    file; a file that fails to load is deleted and the prefix is evaluated again.
+    """
+
+    def __init__(self, directory: Path, budget_bytes: int, model_path: Path) -> None:
+        self.directory = directory
+        self.budget_bytes = budget_bytes
+        stat = model_path.stat()
+        self._model_key = f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{llama_cpp.__version__}"
+
+    def path(self, prefix: Sequence[int]) -> Path:
+        digest = hashlib.sha256(self._model_key.encode())
+        digest.update(np.asarray(prefix, dtype=np.int32).tobytes())
+        return self.directory / f"{digest.hexdigest()[:32]}.prefix"
+
+    def load(self, llm: llama_cpp.Llama, prefix: Sequence[int]) -> bool:
+        path = self.path(prefix)
+        if self.budget_bytes <= 0 or not path.is_file():
+            return False
+        if not _load_state(llm, path) or llm.input_ids[: llm.n_tokens].tolist() != list(prefix):
+            llm.n_tokens = 0
+            path.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for the LRU
+        return True
+
+    def save(self, llm: llama_cpp.Llama, prefix: Sequence[int]) -> None:
+        """Save the KV state, which must hold exactly `prefix` right now."""
+        path = self.path(prefix)
+        if self.budget_bytes <= 0 or path.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")
+        if _save_state(llm, partial, list(prefix)):
+            partial.replace(path)
+            self._evict()
+        else:
+            partial.unlink(missing_ok=True)
+
+    def _evict(self) -> None:
+        files = []
+        for path in self.directory.glob("*.prefix"):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                files.append((stat.st_mtime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.budget_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
 
 def _pid_alive(pid: int) -> bool:
@@ -296,6 +371,7 @@ class LlamaCppBackend:
         threads: int | None = None,
         kv_dir: Path,
         kv_cache_mb: int = 512,
+        prefix_cache_mb: int = 256,
     ) -> None:
         self.name = name
         self.model_path = Path(model_path)
@@ -305,12 +381,14 @@ class LlamaCppBackend:
         _sweep_stale_stores(Path(kv_dir))
         store_dir = Path(kv_dir) / f"{self.model_path.stem}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._store = _SnapshotStore(store_dir, kv_cache_mb * _MB)
+        self._prefixes = _PrefixCache(Path(kv_dir) / "prefix", prefix_cache_mb * _MB, self.model_path)
         llm = self._engine.llm
         metadata: dict[str, str] = llm.metadata
-        self._formatter = Jinja2ChatFormatter(
-            template=metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
-            eos_token=self._token_text(llm.token_eos()),
-            bos_token=self._token_text(llm.token_bos()),
+        template = metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        eos, bos = self._token_text(llm.token_eos()), self._token_text(llm.token_bos())
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._head_formatter = Jinja2ChatFormatter(
+            template=template, eos_token=eos, bos_token=bos, add_generation_prompt=False
         )
         self._info = ModelInfo(
             name=name,
@@ -387,6 +465,19 @@ class LlamaCppBackend:
         # The template writes the special tokens itself (what llama-cpp-python's handler does too).
         return list(self._engine.llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True))
 
+    def _system_prefix(self, messages: list[Message], prompt: list[int]) -> list[int]:
+        """The leading system message's tokens, if `prompt` starts with them and they are worth caching."""
+        if self._prefixes.budget_bytes <= 0 or not messages or messages[0].role != "system":
+            return []
+        try:
+            rendered = self._head_formatter(messages=[{"role": "system", "content": messages[0].content}])
+        except Exception:  # templates may insist on a user turn; then there is no cacheable head
+            return []
+        head = list(self._engine.llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True))
+        if len(head) < PREFIX_MIN_TOKENS or len(head) >= len(prompt) or prompt[: len(head)] != head:
+            return []
+        return head
+
     def _grammar(self, schema: dict[str, Any]) -> LlamaGrammar:
         key = json.dumps(schema, sort_keys=True)
         grammar = self._grammars.get(key)
@@ -410,21 +501,22 @@ class LlamaCppBackend:
                 engine.owner = None
             self._store.close()
 
-    def _switch_to(self, session: str | None, prompt: list[int]) -> None:
+    def _switch_to(self, session: str | None, prompt: list[int], prefix: list[int]) -> None:
         """Make the KV cache the best starting point for `session`'s prompt."""
         engine, llm = self._engine, self._engine.llm
         owner = engine.owner
-        if owner is not None and owner[0] is self._store and owner[1] == session:
-            return
-        if owner is not None and owner[1] is not None:
-            owner[0].save(llm, owner[1])
-        if session is not None:
-            snapshot = self._store.get(session)
-            in_cache = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
-            better = snapshot is not None and _common_prefix(snapshot.tokens, prompt) > in_cache
-            if snapshot is not None and better and not self._store.load(llm, snapshot):
-                self._store.drop(session)
-        engine.owner = (self._store, session)
+        if owner is None or owner[0] is not self._store or owner[1] != session:
+            if owner is not None and owner[1] is not None:
+                owner[0].save(llm, owner[1])
+            if session is not None:
+                snapshot = self._store.get(session)
+                in_cache = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+                better = snapshot is not None and _common_prefix(snapshot.tokens, prompt) > in_cache
+                if snapshot is not None and better and not self._store.load(llm, snapshot):
+                    self._store.drop(session)
+            engine.owner = (self._store, session)
+        if prefix and _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt) < len(prefix):
+            self._prefixes.load(llm, prefix)
 
     def _chat_sync(
         self, request: ChatRequest, emit: Emit | None, cancel: threading.Event, started: float
@@ -497,10 +589,15 @@ class LlamaCppBackend:
                 f"The prompt has {len(prompt)} tokens but {self.name}'s context holds {n_ctx}; "
                 "shorten the conversation or raise llm.n_ctx."
             )
-        self._switch_to(request.session, prompt)
+        prefix = self._system_prefix(messages, prompt)
+        self._switch_to(request.session, prompt, prefix)
         # At least one prompt token is evaluated so the logits that pick the first token are fresh.
         reused = min(_common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt), len(prompt) - 1)
         llm.n_tokens = reused
+        if prefix and reused < len(prefix):
+            # Evaluated in two parts so the system prompt's state can be saved on its own.
+            llm.eval(prompt[reused : len(prefix)])
+            self._prefixes.save(llm, prefix)
         if request.seed is not None:
             llm.set_seed(request.seed)
         budget = n_ctx - len(prompt)
@@ -515,7 +612,7 @@ class LlamaCppBackend:
         text, emitted, generated, cut = "", 0, 0, False
         attempt.finish_reason = "length"
         tokens = llm.generate(
-            prompt[reused:],
+            prompt[llm.n_tokens :],
             temp=request.temperature,
             top_p=request.top_p,
             min_p=0.0,

@@ -251,6 +251,69 @@ async def test_snapshots_stay_within_the_budget(smollm2_path: Path, tmp_path: Pa
     assert not list(tmp_path.rglob("*.kv")), "closing removes the backend's snapshots"
 
 
+def long_system_prompt(topic: str) -> str:
+    rules = " ".join(f"Rule {i}: answer questions about {topic} {i} politely." for i in range(40))
+    return f"You are an expert on {topic}. {rules}"
+
+
+async def fresh_run(model: Path, kv_dir: Path, messages: list[Message], **options: int) -> tuple[str, int]:
+    """One call from a backend on a model instance of its own, as a new `llmos run` would make it.
+
+    The n_ctx differs from the module's backend, so closing the backend unloads the model and
+    nothing of this run survives in memory.
+    """
+    llm = LlamaCppBackend(model, name="s", n_ctx=1024, kv_dir=kv_dir, **options)
+    try:
+        result = await llm.chat(ChatRequest(messages=messages, max_tokens=16, session="1"))
+    finally:
+        await llm.aclose()
+    return result.text, result.usage.reused_prompt_tokens
+
+
+async def test_a_system_prompt_is_prefilled_once_across_runs(smollm2_path: Path, tmp_path: Path) -> None:
+    messages = [Message(role="system", content=long_system_prompt("tea")), *user("What is rule 3?")]
+    cold_text, cold_reused = await fresh_run(smollm2_path, tmp_path, messages)
+    assert cold_reused == 0
+    assert len(list(tmp_path.rglob("*.prefix"))) == 1, "the system prompt's state is kept for later runs"
+
+    # Another run, another question, same system prompt: its state comes from the file.
+    other = [messages[0], *user("What is rule 5?")]
+    _, reused = await fresh_run(smollm2_path, tmp_path, other)
+    assert reused >= 400
+    warm_text, warm_reused = await fresh_run(smollm2_path, tmp_path, messages)
+    assert warm_reused == reused
+    assert warm_text == cold_text, "a loaded system prompt gives the same greedy continuation"
+
+
+async def test_a_broken_prefix_file_is_evaluated_again(smollm2_path: Path, tmp_path: Path) -> None:
+    messages = [Message(role="system", content=long_system_prompt("maps")), *user("What is rule 2?")]
+    expected, _ = await fresh_run(smollm2_path, tmp_path, messages)
+    (state,) = tmp_path.rglob("*.prefix")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])  # a torn or foreign file
+
+    text, reused = await fresh_run(smollm2_path, tmp_path, messages)
+    assert (text, reused) == (expected, 0)
+    _, reused = await fresh_run(smollm2_path, tmp_path, messages)
+    assert reused > 0, "the broken file was replaced by a good one"
+
+
+async def test_prefix_states_stay_within_their_budget(smollm2_path: Path, tmp_path: Path) -> None:
+    budget_mb = 25  # a state is about 12 MB: one or two fit, three never do
+    for topic in ("rivers", "birds", "clocks"):
+        messages = [Message(role="system", content=long_system_prompt(topic)), *user("Hi.")]
+        await fresh_run(smollm2_path, tmp_path, messages, prefix_cache_mb=budget_mb)
+    files = list(tmp_path.rglob("*.prefix"))
+    assert 1 <= len(files) < 3
+    assert sum(f.stat().st_size for f in files) <= budget_mb * 1024 * 1024
+
+    messages = [Message(role="system", content=long_system_prompt("clocks")), *user("Hi.")]
+    _, reused = await fresh_run(smollm2_path, tmp_path, messages, prefix_cache_mb=budget_mb)
+    assert reused > 0, "the newest state is the one kept"
+    _, reused = await fresh_run(smollm2_path, tmp_path / "off", messages, prefix_cache_mb=0)
+    assert reused == 0
+    assert not list((tmp_path / "off").rglob("*.prefix")), "a budget of 0 turns the cache off"
+
+
 async def test_two_backends_share_the_model_but_not_sessions(
     backend: LlamaCppBackend, smollm2_path: Path, tmp_path: Path
 ) -> None:
