@@ -19,16 +19,14 @@ import asyncio
 import json
 import random
 import shutil
-import socket
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from llmos.config import Config, MemoryConfig, load_config
@@ -38,7 +36,9 @@ from llmos.memory.context import ContextBudget, ContextWindow, message_text
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore, NewRecord
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' server helper
+from loopback import chroma_server
+
 # An agent searches its own namespace and the shared one: every record is in one of the two,
 # so each query covers the whole store (the worst case for one agent).
 NAMESPACES = ("agent:bench", "shared")
@@ -85,40 +85,6 @@ def texts(n: int, rng: random.Random) -> list[str]:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ChromaServer:
-    def __init__(self, path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(REPO / ".venv/bin/chroma"), "run", "--path", str(path), "--host", "127.0.0.1",
-               "--port", str(self.port)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/api/v2/heartbeat", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("chroma run did not start")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def bench_store(
@@ -239,6 +205,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--skip-server", action="store_true")
     args = parser.parse_args()
+    if args.steps < 20:
+        parser.error("--steps must be at least 20: tokens per step are compared at steps 10-20 and the end")
     sizes = [int(s) for s in args.sizes.split(",")]
 
     base = load_config()
@@ -261,17 +229,12 @@ def main() -> None:
             results["embedded"] = bench_store(store, pool, vectors, sizes, np.random.default_rng(2))
         if not args.skip_server:
             print("Chroma server (HttpClient -> chroma run on 127.0.0.1):", flush=True)
-            server = ChromaServer(tmp / "server-db")
-            try:
+            with chroma_server(tmp / "server-db") as url:
                 remote = Config(
-                    home=tmp / "client",
-                    models_dir=base.models_dir,
-                    memory=MemoryConfig(chroma_url=server.url),
+                    home=tmp / "client", models_dir=base.models_dir, memory=MemoryConfig(chroma_url=url)
                 )
                 with MemoryStore.open(remote, embedder=embedder) as store:
                     results["server"] = bench_store(store, pool, vectors, sizes, np.random.default_rng(2))
-            finally:
-                server.stop()
 
         print(f"context manager vs full replay, {args.steps} steps:", flush=True)
         from llama_cpp import Llama

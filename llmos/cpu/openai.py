@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,8 @@ class OpenAIBackend:
         self._format_mode: ResponseFormatMode = "json_schema"
         self._server_tokenizes: bool | None = None  # does the server tokenize? None: not asked yet
         self._token_cache: OrderedDict[str, int] = OrderedDict()
+        # Counted on the event loop and on worker threads (see `_stream`).
+        self._token_lock = threading.Lock()
         self.requests_sent = 0
 
     # ---- LLMBackend ----------------------------------------------------------------------
@@ -150,22 +153,6 @@ class OpenAIBackend:
                     self._tokenize_endpoint, json={"input": text}, timeout=self._tokenize_timeout
                 )
                 count = self._read_count(response)
-            except httpx.HTTPError:
-                pass
-        return self._remember_count(text, count)
-
-    async def acount_tokens(self, text: str) -> int:
-        """`count_tokens` without blocking the event loop."""
-        if not text:
-            return 0
-        cached = self._cached_count(text)
-        if cached is not None:
-            return cached
-        count: int | None = None
-        if self._server_tokenizes is not False:
-            try:
-                async with httpx.AsyncClient(timeout=self._tokenize_timeout) as client:
-                    count = self._read_count(await client.post(self._tokenize_endpoint, json={"input": text}))
             except httpx.HTTPError:
                 pass
         return self._remember_count(text, count)
@@ -371,10 +358,14 @@ class OpenAIBackend:
             # The server did not send a usage chunk: count ourselves, once, after the stream.
             messages = body["messages"]
             prompt = "\n".join(m.get("content") or "" for m in messages)
+            # On a thread: counting may ask the server's tokenizer, which must not block the loop.
+            prompt_count, completion_count = await asyncio.to_thread(
+                lambda: (self.count_tokens(prompt), self.count_tokens(attempt.text))
+            )
             attempt.usage = Usage(
                 # The chat template adds a few tokens around each message.
-                prompt_tokens=await self.acount_tokens(prompt) + TEMPLATE_TOKENS_PER_MESSAGE * len(messages),
-                completion_tokens=await self.acount_tokens(attempt.text),
+                prompt_tokens=prompt_count + TEMPLATE_TOKENS_PER_MESSAGE * len(messages),
+                completion_tokens=completion_count,
             )
         return attempt
 
@@ -443,10 +434,11 @@ class OpenAIBackend:
             return None
 
     def _cached_count(self, text: str) -> int | None:
-        count = self._token_cache.get(text)
-        if count is not None:
-            self._token_cache.move_to_end(text)
-        return count
+        with self._token_lock:
+            count = self._token_cache.get(text)
+            if count is not None:
+                self._token_cache.move_to_end(text)
+            return count
 
     def _remember_count(self, text: str, count: int | None) -> int:
         if count is None:
@@ -454,9 +446,10 @@ class OpenAIBackend:
             self._server_tokenizes = False
             return max(1, -(-len(text) // CHARS_PER_TOKEN))
         self._server_tokenizes = True
-        self._token_cache[text] = count
-        if len(self._token_cache) > _TOKEN_CACHE_SIZE:
-            self._token_cache.popitem(last=False)
+        with self._token_lock:
+            self._token_cache[text] = count
+            if len(self._token_cache) > _TOKEN_CACHE_SIZE:
+                self._token_cache.popitem(last=False)
         return count
 
 

@@ -5,16 +5,11 @@ while the other finishes."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import chromadb
 import pytest
-from chromadb.config import Settings
+from loopback import chroma_server, free_port
 
 from llmos.agents.scaleout import Job, WorkerDied, connect, dispatch, start_host, start_worker
 from llmos.config import load_config
@@ -24,39 +19,10 @@ from llmos.memory.store import MemoryStore
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def chroma_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    chroma = Path(sys.executable).parent / "chroma"
-    server = subprocess.Popen(
-        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                chromadb.HttpClient(
-                    host="127.0.0.1", port=port, settings=Settings(anonymized_telemetry=False)
-                ).heartbeat()
-                break
-            except Exception:
-                assert server.poll() is None, "the Chroma server exited at start"
-                assert time.monotonic() < deadline, "the Chroma server did not answer within 60 s"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with chroma_server(tmp_path / "chroma") as url:
+        yield url
 
 
 async def test_two_workers_one_killed_mid_job(tmp_path: Path, chroma_url: str, small_model: str) -> None:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import ClientSession, web
+from loopback import free_port, llama_server
 
 from llmos.config import Config, LLMConfig
 from llmos.cpu import LLMBackend, LLMError, open_backend
@@ -33,44 +29,6 @@ ADD = ToolSpec(
         "required": ["a", "b"],
     },
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def llama_server(model: Path, log_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`python -m llama_cpp.server` with a model on loopback; yields its base URL (…/v1) and process."""
-    port = free_port()
-    log = log_dir / f"server-{port}.log"
-    cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-        "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"llama_cpp.server exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "llama_cpp.server did not start within 120 s"
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
