@@ -77,6 +77,11 @@ SERVER = textwrap.dedent(
         """Exit the server process."""
         os._exit(3)
 
+    @app.tool()
+    def pid() -> int:
+        """The server's process id."""
+        return os.getpid()
+
     app.run()
     '''
 )
@@ -120,6 +125,7 @@ async def test_tools_are_listed_with_their_schemas(server: McpServer) -> None:
         "demo__slow",
         "demo__wipe",
         "demo__die",
+        "demo__pid",
     }
     add = tools["demo__add"].spec()
     assert add.description == "Add two integers."
@@ -196,11 +202,51 @@ async def test_risk_override_and_a_server_that_dies(server_script: Path, ctx: To
         assert (await tools["mortal__slow"].invoke({"seconds": 0}, ctx)).ok  # still usable after
         assert tools["mortal__add"].risk is Risk.READ
         assert tools["mortal__wipe"].risk is Risk.IRREVERSIBLE  # the server's own hint can only raise it
+        assert mortal.restarts == 0
+
+
+async def test_a_server_that_dies_mid_call_is_restarted_for_the_next_call(
+    server_script: Path, ctx: ToolContext, tmp_path: Path
+) -> None:
+    async with await McpServer.start(
+        "mortal", sys.executable, [str(server_script)], max_restarts=1, log_dir=tmp_path
+    ) as mortal:
+        tools = _tools(mortal)
+        first_pid = (await tools["mortal__pid"].invoke({}, ctx)).content["result"]
         died = await tools["mortal__die"].invoke({}, ctx)
-        assert not died.ok and "unavailable" in (died.error or "")
+        assert not died.ok
+        assert "exited during the call to 'die'" in (died.error or "")
+        assert "call again only if repeating the call is safe" in (died.error or "")
+        # The next call starts the server again before it is sent.
         after = await tools["mortal__add"].invoke({"a": 1, "b": 2}, ctx)
-        assert not after.ok and "MCP server 'mortal' is unavailable" in (after.error or "")
+        assert after.ok and after.content == {"result": 3}
+        assert mortal.restarts == 1 and mortal.running
+        assert (await tools["mortal__pid"].invoke({}, ctx)).content["result"] != first_pid
+
+        # Past the restart limit the tools stay down, with one clear sentence.
+        await tools["mortal__die"].invoke({}, ctx)
+        down = await tools["mortal__add"].invoke({"a": 1, "b": 2}, ctx)
+        assert not down.ok
+        assert "MCP server 'mortal' is unavailable: it exited 2 times (restart limit 1" in (down.error or "")
         assert not mortal.running
+    assert list(tmp_path.glob("llmos-mcp-mortal-*.log")), "a server that died keeps its logs"
+
+
+async def test_a_server_killed_while_idle_comes_back(
+    server_script: Path, ctx: ToolContext, tmp_path: Path
+) -> None:
+    async with await McpServer.start("idle", sys.executable, [str(server_script)], log_dir=tmp_path) as idle:
+        tools = _tools(idle)
+        pid = (await tools["idle__pid"].invoke({}, ctx)).content["result"]
+        os.kill(pid, 9)
+        for _ in range(50):  # the transport sees the server's output end
+            if not idle.running:
+                break
+            await asyncio.sleep(0.1)
+        # The call was never sent to the dead server, so it can go to the new one at once.
+        after = await tools["idle__add"].invoke({"a": 2, "b": 2}, ctx)
+        assert after.ok and after.content == {"result": 4}
+        assert idle.restarts == 1
 
 
 async def test_a_command_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
