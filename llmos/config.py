@@ -66,6 +66,9 @@ class SandboxLimits(Section):
     pids: int = Field(64, ge=4)
     output_bytes: int = Field(1_000_000, ge=1024)
     file_size_mb: int = Field(16, ge=1)
+    workspace_mb: int = Field(
+        256, ge=1, description="disk use of a session's workspace, measured every ~10 ms while code runs"
+    )
 
 
 class SandboxConfig(Section):

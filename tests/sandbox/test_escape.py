@@ -210,6 +210,52 @@ except OSError as exc:
     await still_usable(sandbox)
 
 
+DISK_BOMB = """
+import os
+chunk = b"x" * (1 << 20)
+for i in range(400):  # 1.6 GB in 4 MB files, each under the per-file limit
+    with open(f"fill-{i}.bin", "wb") as f:
+        for _ in range(4):
+            f.write(chunk)
+print("wrote everything")
+"""
+
+
+async def test_disk_bomb_stops_at_the_workspace_limit(sandbox: Sandbox, limits: SandboxLimits) -> None:
+    capped = limits.model_copy(update={"workspace_mb": 32, "wall_time_s": 30.0, "cpu_s": 30.0})
+    result = await sandbox.exec("s", DISK_BOMB, capped)
+    assert "wrote everything" not in result.stdout, result
+    assert result.error and "past its limit of 32 MB (sandbox.limits.workspace_mb)" in result.error, result
+    used = sum(f.stat().st_size for f in sandbox.workspace("s").iterdir())
+    # Stopped within a check or two (10 ms each) of crossing the limit, far from the 1.6 GB it asked for.
+    assert used < 200 * 1024 * 1024, used
+    await still_usable(sandbox)
+
+
+async def test_a_flood_of_empty_files_counts_too(sandbox: Sandbox, limits: SandboxLimits) -> None:
+    capped = limits.model_copy(update={"workspace_mb": 4, "wall_time_s": 30.0, "cpu_s": 30.0})
+    code = "for i in range(1_000_000):\n    open(f'empty-{i}', 'w').close()\nprint('all created')"
+    result = await sandbox.exec("s", code, capped)
+    assert "all created" not in result.stdout, result
+    assert result.error and "past its limit of 4 MB" in result.error, result
+    assert len(list(sandbox.workspace("s").iterdir())) < 100_000
+    await still_usable(sandbox)
+
+
+async def test_an_overfull_workspace_may_shrink_but_not_grow(sandbox: Sandbox, limits: SandboxLimits) -> None:
+    capped = limits.model_copy(update={"workspace_mb": 4})
+    workspace = sandbox.workspace("s")
+    for i in range(3):  # 6 MB, put there from outside (e.g. by the files tool)
+        (workspace / f"big-{i}.bin").write_bytes(b"x" * (2 << 20))
+    grow = await sandbox.exec("s", "open('more.bin', 'wb').write(b'y' * (1 << 20))", capped)
+    assert grow.error and "may remove files but not add any" in grow.error, grow
+    shrink = await sandbox.exec("s", "import os\nfor n in os.listdir('.'): os.remove(n)", capped)
+    assert shrink.ok, shrink
+    assert not list(workspace.iterdir())
+    small = await sandbox.exec("s", "open('ok.bin', 'wb').write(b'z' * (1 << 20))", capped)
+    assert small.ok and small.value == str(1 << 20), small
+
+
 @pytest.mark.parametrize("family", ["tcp", "udp", "unix"])
 async def test_network_connections_blocked(sandbox: Sandbox, tmp_path: Path, family: str) -> None:
     if family == "tcp":

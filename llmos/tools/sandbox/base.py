@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -33,6 +34,13 @@ WORKER_PATH = Path(__file__).with_name("worker.py")
 HEADER = struct.Struct(">I")
 START_TIMEOUT_S = 30.0
 SESSION_CPU_CALLS = 200
+# How often a running call's workspace is measured: page-cache writes reach ~3 GB/s here, so
+# every 10 ms while a measurement is cheap; a workspace of many files is measured less often.
+QUOTA_POLL_S = 0.01
+QUOTA_POLL_SHARE = 0.05  # at most this share of one core spent measuring
+# Charged per file or directory on top of its blocks, so a flood of empty files counts too.
+ENTRY_BYTES = 512
+_MB = 1024 * 1024
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -176,7 +184,14 @@ class WorkerSession:
         async with self._lock:
             await self._ensure(limits)
 
-    async def request(self, code: str, limits: Limits) -> ExecResult:
+    async def request(self, code: str, limits: Limits, workspace: Path | None = None) -> ExecResult:
+        """Run `code`. With a `workspace`, its disk use is capped at `limits.workspace_mb`.
+
+        No backend here has per-directory quotas, so the cap is enforced from outside: the
+        workspace is measured before the call, every QUOTA_POLL_S while it runs (a call that grows
+        it past the cap is stopped), and after it. Writes between two checks can overshoot the cap;
+        a workspace over the cap may shrink but not grow.
+        """
         async with self._lock:
             self.last_used = time.monotonic()
             restarted, self.state_lost = self.state_lost, False
@@ -189,7 +204,14 @@ class WorkerSession:
                 await self._stop()
                 restarted = True
             await self._ensure(limits)  # SandboxUnavailable if it cannot start: a host problem
-            result = await self._call(code, limits)
+            allowance = None
+            if workspace is not None:
+                allowance = max(limits.workspace_mb * _MB, await workspace_use(workspace))
+            result = await self._call(code, limits, workspace, allowance)
+            if workspace is not None and allowance is not None:
+                size = await workspace_use(workspace, stop_above=allowance)
+                if size > allowance and result.error is None:  # grew between two checks
+                    result.error = over_quota_error(size, limits)
             if restarted:
                 result.restarted = True
             if self.notice:
@@ -236,7 +258,9 @@ class WorkerSession:
         self.starts += 1
         self.cold_start_s = time.perf_counter() - started
 
-    async def _call(self, code: str, limits: Limits) -> ExecResult:
+    async def _call(
+        self, code: str, limits: Limits, workspace: Path | None, allowance: int | None
+    ) -> ExecResult:
         proc = self._proc
         assert proc is not None and proc.stdin is not None
         self.calls += 1
@@ -246,10 +270,15 @@ class WorkerSession:
         body = json.dumps({"code": code, "limits": limits.model_dump()}).encode()
         reply_task = asyncio.ensure_future(self._send_and_read(proc, body, max_reply_bytes(limits)))
         exit_task = asyncio.ensure_future(proc.wait())
-        done, _ = await asyncio.wait(
-            {reply_task, exit_task}, timeout=limits.wall_time_s, return_when=asyncio.FIRST_COMPLETED
-        )
+        tasks: set[asyncio.Future[Any]] = {reply_task, exit_task}
+        quota_task = None
+        if workspace is not None and allowance is not None:
+            quota_task = asyncio.ensure_future(wait_until_outgrown(workspace, allowance))
+            tasks.add(quota_task)
+        done, _ = await asyncio.wait(tasks, timeout=limits.wall_time_s, return_when=asyncio.FIRST_COMPLETED)
         wall = time.perf_counter() - started
+        if quota_task is not None:
+            quota_task.cancel()
         if reply_task in done and reply_task.exception() is None:
             exit_task.cancel()
             reply = reply_task.result()
@@ -257,13 +286,14 @@ class WorkerSession:
             if self._peak_memory is not None:
                 result.memory_peak_mb = self._peak_memory() or result.memory_peak_mb
             return result
-        # Timed out, died, or sent garbage: kill the session; its variables are lost.
+        # Timed out, outgrew its workspace, died, or sent garbage: kill the session (its variables are lost).
         timed_out = not done
+        outgrown = quota_task is not None and quota_task in done and quota_task.exception() is None
         garbage = reply_task.exception() if reply_task.done() else None
         peak = self._peak_memory() if self._peak_memory is not None else None
         reply_task.cancel()
         # A dead worker may have left children holding the pipes: give the exit status a moment.
-        if not timed_out and not exit_task.done():
+        if not timed_out and not outgrown and not exit_task.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exit_task), 1.0)
         exit_task.cancel()
@@ -271,6 +301,10 @@ class WorkerSession:
         await self._stop()
         if timed_out:
             error = f"Timed out after {limits.wall_time_s:g} s of wall time; the session was restarted."
+            status = -int(signal.SIGKILL)
+        elif outgrown and workspace is not None:
+            size = await workspace_use(workspace)
+            error = f"{over_quota_error(size, limits)} The session was restarted."
             status = -int(signal.SIGKILL)
         elif garbage is not None and returncode is None:
             error = f"The worker sent a malformed reply ({garbage}); the session was restarted."
@@ -398,6 +432,64 @@ def limits_for(config: Config, limits: Limits | None) -> Limits:
     return limits if limits is not None else config.sandbox.limits
 
 
+def disk_use(path: Path, stop_above: int | None = None, max_entries: int | None = None) -> int | None:
+    """Bytes allocated below `path` plus ENTRY_BYTES per entry; counting stops past `stop_above`.
+
+    None when there are more than `max_entries` entries (the caller measures elsewhere then).
+    """
+    total = entries_seen = 0
+    pending = [str(path)]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                entries_seen += 1
+                if max_entries is not None and entries_seen > max_entries:
+                    return None
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += stat.st_blocks * 512 + ENTRY_BYTES
+                if stop_above is not None and total > stop_above:
+                    return total
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+    return total
+
+
+async def workspace_use(path: Path, stop_above: int | None = None) -> int:
+    # A few hundred entries are measured in well under a millisecond, here; more on a thread, so
+    # the event loop never waits for a workspace of many files.
+    size = disk_use(path, stop_above, max_entries=256)
+    if size is None:
+        size = await asyncio.to_thread(disk_use, path, stop_above)
+    assert size is not None
+    return size
+
+
+async def wait_until_outgrown(path: Path, allowance: int) -> None:
+    """Return once the workspace at `path` uses more than `allowance` bytes."""
+    took = 0.0
+    while True:
+        await asyncio.sleep(max(QUOTA_POLL_S, took / QUOTA_POLL_SHARE))
+        started = time.perf_counter()
+        if await workspace_use(path, stop_above=allowance) > allowance:
+            return
+        took = time.perf_counter() - started
+
+
+def over_quota_error(size: int, limits: Limits) -> str:
+    return (
+        f"The workspace grew to {size / _MB:.0f} MB, past its limit of {limits.workspace_mb} MB "
+        "(sandbox.limits.workspace_mb); delete files that are not needed: while it is over the "
+        "limit, code may remove files but not add any."
+    )
+
+
 class SessionPool:
     """Sessions by name for one backend: create on first use, recycle when idle too long."""
 
@@ -462,9 +554,9 @@ class WorkerSandbox:
 
     async def exec(self, session: str, code: str, limits: Limits | None = None) -> ExecResult:
         worker = self._pool.get(session)
-        self.workspace(session)
+        workspace = self.workspace(session)
         await self._pool.reap_idle()
-        return await worker.request(code, limits_for(self.config, limits))
+        return await worker.request(code, limits_for(self.config, limits), workspace)
 
     def session(self, session: str) -> WorkerSession:
         """The host side of a session's worker (stats: cold_start_s, starts, calls, pid)."""
