@@ -524,8 +524,13 @@ class Kernel:
             return self._memory
 
     def workspace(self, pid: int) -> Path:
+        """The process's folder: its file tools' and its sandbox session's, kept after it ends."""
         path = self.config.home / "workspaces" / str(pid)
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:  # sandboxed code runs as the sandbox uid: the folder is its
+                os.chown(path, self.config.sandbox.uid, self.config.sandbox.uid, follow_symlinks=False)
+                path.chmod(0o700)
         return path
 
     async def call_tool(self, proc: Process, name: str, arguments: dict[str, Any] | str) -> ToolResult:

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmos.tools.registry import Risk, Tool, ToolContext, ToolError, tool
+from llmos.tools.sandbox.base import disk_use
 
 MAX_READ_CHARS = 100_000
 MAX_LIST_ENTRIES = 1_000
@@ -96,9 +97,40 @@ def write_file(path: str, content: str, ctx: ToolContext, append: bool = False) 
     resolve_in_workspace(ctx.workspace, path)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
     data = content.encode("utf-8")
+    _check_room(ctx, target, len(data), append)
     with os.fdopen(_open_nofollow(target, flags), "wb") as handle:
         handle.write(data)
+    _give_to_workspace_owner(ctx.workspace, target)
     return {"path": _relative(ctx.workspace, target), "bytes_written": len(data), "appended": append}
+
+
+def _check_room(ctx: ToolContext, target: Path, size: int, append: bool) -> None:
+    """The sandbox's cap on the workspace (`sandbox.limits.workspace_mb`) holds for writes here too."""
+    if ctx.process is None:
+        return
+    limit = ctx.process.kernel.config.sandbox.limits.workspace_mb * 1024 * 1024
+    replaced = 0 if append or not target.is_file() else target.stat().st_blocks * 512
+    used = disk_use(ctx.workspace, stop_above=limit + replaced) or 0
+    if used - replaced + size > limit:
+        raise ToolError(
+            f"Writing {size} bytes would take the workspace past its limit of "
+            f"{limit // (1024 * 1024)} MB (sandbox.limits.workspace_mb); delete files that are not needed."
+        )
+
+
+def _give_to_workspace_owner(workspace: Path, target: Path) -> None:
+    """Running as root, hand what was written (and the folders made for it) to the workspace's
+    owner, the sandbox uid, so sandboxed code can change it as well as read it."""
+    if os.geteuid() != 0:
+        return
+    owner = workspace.stat()
+    root = workspace.resolve()
+    path = target
+    while path != root and path.is_relative_to(root):
+        info = path.lstat()
+        if (info.st_uid, info.st_gid) != (owner.st_uid, owner.st_gid):
+            os.lchown(path, owner.st_uid, owner.st_gid)
+        path = path.parent
 
 
 @tool

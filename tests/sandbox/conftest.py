@@ -4,7 +4,7 @@ The `sandbox` fixture is parametrized over "namespace", "subprocess" and "docker
 param needs a private dockerd and the sandbox image (both built here, once per test session); when
 that cannot work the docker tests FAIL with the reason instead of being skipped.
 After each test the fixture closes the sandbox and checks the host: no process of the sandbox is
-left, no cgroup, no workspace.
+left, no cgroup, no spare directory of a warm worker.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ async def sandbox(
     finally:
         await opened.aclose()
     # The host is unaffected: nothing that mentions this sandbox's home is still running, no new
-    # cgroup is left, and the workspaces are gone.
+    # cgroup is left, and no warm worker's spare directory. (Workspaces stay: they are the processes'.)
     assert stray_processes(config.home, getattr(opened, "instance_id", None)) == []
     assert set(llmos_cgroups()) - cgroups_before == set()
-    workspaces = config.home / "sandbox" / backend / "workspaces"
-    assert not workspaces.exists() or list(workspaces.iterdir()) == []
+    spares = config.home / "sandbox" / backend / "spares"
+    assert not spares.exists() or list(spares.iterdir()) == []

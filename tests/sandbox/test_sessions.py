@@ -91,13 +91,13 @@ async def test_cpu_and_wall_time_are_reported(sandbox: Sandbox) -> None:
     assert result.cpu_s > 0 and result.wall_s > 0
 
 
-async def test_close_session_removes_its_workspace(sandbox: Sandbox) -> None:
-    await sandbox.exec("s", "open('f', 'w').write('x')")
+async def test_close_session_stops_the_worker_and_keeps_the_workspace(sandbox: Sandbox) -> None:
+    await sandbox.exec("s", "x = 1\nopen('f', 'w').write('x')")
     workspace = sandbox.workspace("s")
-    assert (workspace / "f").exists()
     await sandbox.close_session("s")
-    assert not (workspace / "f").exists()
-    assert (await sandbox.exec("s", "import os\nos.listdir('.')")).value == "[]"
+    assert (workspace / "f").read_text() == "x"  # the process's files are the user's
+    after = await sandbox.exec("s", "import os\n('x' in globals(), os.listdir('.'))")
+    assert after.value == "(False, ['f'])"
 
 
 async def test_bad_session_name_is_refused(sandbox: Sandbox) -> None:
@@ -186,7 +186,8 @@ async def test_namespace_pool_serves_new_sessions_warm(tmp_path: Path, limits: S
         # Other limits than the pool's: a new worker, but nothing was lost, so not `restarted`.
         other = await sandbox.exec("other", "1", limits.model_copy(update={"memory_mb": 64}))
         assert other.value == "1" and not other.restarted
-    assert list((tmp_path / "sandbox" / "namespace" / "workspaces").iterdir()) == []
+    assert list((tmp_path / "sandbox" / "namespace" / "spares").iterdir()) == []
+    assert (tmp_path / "workspaces" / "fresh" / "out.txt").read_text() == "hi"
 
 
 def test_doctor_fails_when_the_configured_backend_cannot_run(

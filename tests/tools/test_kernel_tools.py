@@ -56,6 +56,59 @@ async def test_file_tools_use_the_process_workspace(tmp_path: Path) -> None:
         assert info.usage.tool_calls == 3
 
 
+async def files_and_python(proc: Process) -> dict[str, Any]:
+    async def call(name: str, **arguments: Any) -> Any:
+        return (await proc.syscall("tool.call", name=name, arguments=arguments)).unwrap()
+
+    await call("write_file", path="data/in.txt", content="3 4")
+    code = (
+        "a, b = map(int, open('data/in.txt').read().split())\n"
+        "open('data/in.txt', 'a').write(' 5')\n"
+        "open('out.txt', 'w').write(str(a * b))"
+    )
+    ran = await call("python", code=code)
+    read = await call("read_file", path="out.txt")
+    return {"ran": ran, "read": read}
+
+
+async def test_file_tools_and_python_share_one_workspace_that_outlives_the_kernel(tmp_path: Path) -> None:
+    from llmos.tools.python import python
+
+    config = load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_SANDBOX__BACKEND": "namespace"})
+    async with Kernel(config) as kernel:
+        kernel.tools.register(python, *file_tools())
+        pid = await kernel.spawn(files_and_python, capabilities=["tool:*"])
+        info = await kernel.wait(pid, timeout_s=60)
+        workspace = kernel.workspace(pid)
+    assert info.error is None, info.error
+    assert info.result["ran"]["ok"], info.result["ran"]  # python read and appended to write_file's file
+    assert info.result["read"]["ok"] and info.result["read"]["content"]["content"] == "12"
+    # The process's files are the user's: they stay after the kernel (and its sandbox) closed.
+    assert (workspace / "out.txt").read_text() == "12"
+    assert (workspace / "data" / "in.txt").read_text() == "3 4 5"
+
+
+async def big_then_small(proc: Process) -> list[Any]:
+    replies = []
+    for size in (2_000_000, 10_000):
+        reply = await proc.syscall(
+            "tool.call", name="write_file", arguments={"path": "f", "content": "x" * size}
+        )
+        replies.append(reply.unwrap())
+    return replies
+
+
+async def test_write_file_keeps_to_the_workspace_limit(tmp_path: Path) -> None:
+    config = load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_SANDBOX__LIMITS__WORKSPACE_MB": "1"})
+    async with Kernel(config) as kernel:
+        kernel.tools.register(*file_tools())
+        pid = await kernel.spawn(big_then_small, capabilities=["tool:*"])
+        info = await kernel.wait(pid, timeout_s=60)
+    big, small = info.result
+    assert not big["ok"] and "past its limit of 1 MB (sandbox.limits.workspace_mb)" in big["error"]
+    assert small["ok"] and small["content"]["bytes_written"] == 10_000
+
+
 async def test_model_mistakes_come_back_as_data(tmp_path: Path) -> None:
     async with Kernel(load_config(env={"LLMOS_HOME": str(tmp_path)})) as kernel:
         kernel.tools.register(add, *file_tools())

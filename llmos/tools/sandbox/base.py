@@ -13,9 +13,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import struct
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -432,6 +432,20 @@ def limits_for(config: Config, limits: Limits | None) -> Limits:
     return limits if limits is not None else config.sandbox.limits
 
 
+def adopt_spare(spare: Path, workspace: Path) -> None:
+    """Give a warm worker's spare directory the workspace's name, keeping the files already there.
+
+    A running worker has the spare mounted, and a mount follows the directory, not its name. Every
+    rename stays within $LLMOS_HOME, so on one file system.
+    """
+    if workspace.exists():
+        for entry in workspace.iterdir():
+            entry.rename(spare / entry.name)
+        workspace.rmdir()
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    spare.rename(workspace)
+
+
 def disk_use(path: Path, stop_above: int | None = None, max_entries: int | None = None) -> int | None:
     """Bytes allocated below `path` plus ENTRY_BYTES per entry; counting stops past `stop_above`.
 
@@ -526,7 +540,14 @@ class SessionPool:
 
 
 class WorkerSandbox:
-    """Shared frame of the worker backends: workspaces under LLMOS_HOME, one warm worker per session.
+    """Shared frame of the worker backends: one warm worker per session, working in the process's
+    workspace.
+
+    A session's workspace is `$LLMOS_HOME/workspaces/<session>`, the directory the kernel gives
+    the file tools for the process of that pid, so both see the same files. It belongs to the
+    process, not to the sandbox: closing a session or the sandbox leaves it in place. Warm
+    workers wait with a spare directory under `spares/` that becomes the workspace of the
+    session that takes them.
 
     A backend subclass sets `name` and `sandboxed` and implements `_new_session(session)`.
     """
@@ -537,20 +558,30 @@ class WorkerSandbox:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.root = config.home / "sandbox" / self.name
+        self.workspaces = config.home / "workspaces"
+        self.spares = self.root / "spares"
         self._pool = SessionPool(config, self._new_session)
 
     def _new_session(self, session: str) -> WorkerSession:
         raise NotImplementedError
 
     def workspace(self, session: str) -> Path:
-        path = self.root / "workspaces" / check_session_name(session)
-        if not path.is_dir():
-            path.mkdir(parents=True, exist_ok=True)
-            self._prepare_workspace(path)
+        path = self.workspaces / check_session_name(session)
+        if path.is_symlink():  # preparing it would change the owner of whatever it points to
+            raise SandboxError(f"The workspace {path} is a symbolic link; remove it, it must be a folder.")
+        path.mkdir(parents=True, exist_ok=True)
+        self._prepare_workspace(path)  # also when the kernel made it, for the file tools
         return path
 
     def _prepare_workspace(self, path: Path) -> None:
         """Hook: e.g. hand the directory to the sandbox uid."""
+
+    def _new_spare(self, prefix: str) -> Path:
+        """An empty directory for a warm worker, until `adopt_spare` makes it a session's workspace."""
+        self.spares.mkdir(parents=True, exist_ok=True)
+        spare = Path(tempfile.mkdtemp(prefix=f".warm-{prefix}-", dir=self.spares))
+        self._prepare_workspace(spare)
+        return spare
 
     async def exec(self, session: str, code: str, limits: Limits | None = None) -> ExecResult:
         worker = self._pool.get(session)
@@ -563,9 +594,8 @@ class WorkerSandbox:
         return self._pool.get(session)
 
     async def close_session(self, session: str) -> None:
-        """Stop the session's worker and everything it started, and delete its workspace."""
+        """Stop the session's worker and everything it started; its workspace stays."""
         await self._pool.close(check_session_name(session))
-        shutil.rmtree(self.root / "workspaces" / session, ignore_errors=True)
 
     async def aclose(self) -> None:
         for session in list(self._pool.sessions):

@@ -37,6 +37,7 @@ from llmos.tools.sandbox.base import (
     SandboxError,
     WorkerSandbox,
     WorkerSession,
+    adopt_spare,
     worker_args,
     worker_source,
 )
@@ -232,9 +233,7 @@ class DockerSandbox(WorkerSandbox):
         await asyncio.gather(*list(self._refills), return_exceptions=True)
 
     async def _add_warm(self) -> None:
-        spare = self.root / "workspaces" / f".warm-{self.owner}-{next(self._serial)}"
-        spare.mkdir(parents=True)
-        self._prepare_workspace(spare)
+        spare = self._new_spare(f"{self.owner}-{next(self._serial)}")
         try:
             container = await self._run(self.config.sandbox.limits, spare, WARM_LABEL)
         except BaseException:
@@ -277,12 +276,7 @@ class DockerSandbox(WorkerSandbox):
         if fitting:
             container = fitting[0]
             self._warm.remove(container)
-            # Move the session's files (a recycled session keeps them) into the mounted directory,
-            # then give that directory the workspace's name. All renames within one file system.
-            for entry in workspace.iterdir():
-                entry.rename(container.workspace / entry.name)
-            workspace.rmdir()
-            container.workspace.rename(workspace)
+            adopt_spare(container.workspace, workspace)
             container.workspace = workspace
             return container
         return None

@@ -37,6 +37,8 @@ from llmos.tools.sandbox.base import (
     SandboxUnavailable,
     WorkerSandbox,
     WorkerSession,
+    adopt_spare,
+    check_session_name,
     worker_args,
     worker_source,
 )
@@ -433,9 +435,7 @@ class NamespaceSandbox(WorkerSandbox):
                 await self._add_warm()
 
     async def _add_warm(self) -> None:
-        place = _Place(self.root / "workspaces" / f".warm-{uuid.uuid4().hex[:12]}")
-        place.workspace.mkdir(parents=True)
-        self._prepare_workspace(place.workspace)
+        place = _Place(self._new_spare("ns"))
         worker = self._worker(place, f"{self.instance_id}-{place.workspace.name[1:]}")
         try:
             await worker.start(self.config.sandbox.limits)
@@ -461,13 +461,13 @@ class NamespaceSandbox(WorkerSandbox):
         path.chmod(0o700)
 
     def _new_session(self, session: str) -> WorkerSession:
-        target = self.root / "workspaces" / session
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to refill with
             if self._refill is None or self._refill.done():
                 self._refill = asyncio.ensure_future(self._warm_up_quietly())
-        if self._warm and not target.exists():
+        if self._warm:
             place, worker = self._warm.pop(0)
-            place.workspace.rename(target)
+            target = self.workspaces / check_session_name(session)
+            adopt_spare(place.workspace, target)
             place.workspace = target
             return worker
         return self._worker(_Place(self.workspace(session)), f"{self.instance_id}-{session}")
