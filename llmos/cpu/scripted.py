@@ -76,6 +76,10 @@ class ScriptedLLM:
         if callable(reply):
             reply = reply(request)
         result = reply if isinstance(reply, ChatResult) else ChatResult(text=reply)
+        if request.max_tokens is not None and self.count_tokens(result.text) > request.max_tokens:
+            # A token is a word here: cut like a real backend does at max_tokens.
+            cut = " ".join(result.text.split()[: request.max_tokens])
+            result = result.model_copy(update={"text": cut, "finish_reason": "length"})
         if on_text is not None and result.text:  # streamed word by word, like a real backend
             for piece in result.text.split(" "):
                 on_text(piece + " ")

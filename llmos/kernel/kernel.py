@@ -268,6 +268,8 @@ class Kernel:
 
     def _start(self, info: ProcessInfo, fn: Program, replay: dict[int, dict[str, Any]]) -> None:
         proc = Process(self, info, replay)
+        for usage in self.journal.usage_by_pid(self._descendants(info.pid)).values():
+            proc.tree_usage.add_usage(usage)  # a resumed process's children consumed this already
         self._live[info.pid] = proc
         self.journal.set_state(info.pid, State.RUNNING, boot_id=self.boot_id)
         info.state = State.RUNNING
@@ -441,6 +443,8 @@ class Kernel:
         if charge is not None:
             result["charge"] = charge.model_dump(exclude_defaults=True)
             proc.info.usage.add(charge)
+            for holder in (proc, *self._ancestors(proc)):
+                holder.tree_usage.add(charge)
         else:
             proc.info.usage.syscalls += 1
         if syscall is not None and syscall.waits:
@@ -476,9 +480,7 @@ class Kernel:
         if capability is not None and not proc.info.allows(capability):
             message = f"process {proc.pid} ({proc.info.name}) lacks the capability {capability!r}"
             return Reply.fail(ErrorCode.DENIED, message), None
-        proc.info.usage.wall_time_s = proc.wall_time()
-        budget = proc.info.budget.model_dump(include={*syscall.budgets, "wall_time_s"})
-        reason = exhausted(Budget.model_validate(budget), proc.info.usage)
+        reason = self._over_budget(proc, syscall)
         if reason is not None:
             return Reply.fail(ErrorCode.BUDGET, f"{syscall.name} refused: {reason}"), None
         try:
@@ -491,6 +493,46 @@ class Kernel:
             log.warning("syscall %s of process %s failed", syscall.name, proc.pid, exc_info=True)
             return Reply.fail(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}"), None
         return Reply(ok=True, value=outcome.value), outcome.charge
+
+    def _over_budget(self, proc: Process, syscall: Syscall) -> str | None:
+        """Why a budget refuses the syscall, or None. A budget covers its process and everything
+        that process spawned, like a cgroup: a child cannot spend what its parent may not."""
+        proc.info.usage.wall_time_s = proc.tree_usage.wall_time_s = proc.wall_time()
+        for holder in (proc, *self._ancestors(proc)):
+            wall = {"wall_time_s"} if holder is proc else set()  # each watchdog stops its own
+            budget = Budget.model_validate(holder.info.budget.model_dump(include={*syscall.budgets, *wall}))
+            reason = exhausted(budget, holder.tree_usage)
+            if reason is not None:
+                return reason + _whose(proc, holder)
+        return None
+
+    def token_allowance(self, proc: Process) -> tuple[int, str] | None:
+        """The tokens `proc` may still spend, and a phrase naming that budget; None: no token budget."""
+        tightest: tuple[int, str] | None = None
+        for holder in (proc, *self._ancestors(proc)):
+            if holder.info.budget.tokens is not None:
+                left = max(0, holder.info.budget.tokens - holder.tree_usage.tokens)
+                if tightest is None or left < tightest[0]:
+                    tightest = (left, f"token budget of {holder.info.budget.tokens}{_whose(proc, holder)}")
+        return tightest
+
+    def _ancestors(self, proc: Process) -> list[Process]:
+        """The live processes above `proc`, parent first."""
+        found: list[Process] = []
+        ppid = proc.info.ppid
+        while ppid is not None and (parent := self._live.get(ppid)) is not None and parent not in found:
+            found.append(parent)
+            ppid = parent.info.ppid
+        return found
+
+    def _descendants(self, pid: int) -> list[int]:
+        found: list[int] = []
+        pending = [pid]
+        while pending:
+            for child in self.journal.children(pending.pop()):
+                found.append(child.pid)
+                pending.append(child.pid)
+        return found
 
     # --- devices ------------------------------------------------------------------------------------
 
@@ -610,3 +652,8 @@ class SyncKernel:
 async def _now(fn: Callable[[], T]) -> T:
     """Run a plain function on the kernel's thread, which owns the journal connection."""
     return fn()
+
+
+def _whose(proc: Process, holder: Process) -> str:
+    """Names the budget's process when it is an ancestor's."""
+    return "" if holder is proc else f" (the budget of process {holder.pid}, {holder.info.name}, covers it)"

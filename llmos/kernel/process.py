@@ -61,6 +61,16 @@ class Usage(BaseModel):
         self.sandbox_cpu_s += charge.sandbox_cpu_s
         self.syscalls += 1
 
+    def add_usage(self, other: Usage) -> None:
+        """Add what another process consumed (wall time excepted: processes run side by side)."""
+        self.tokens += other.tokens
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.reused_prompt_tokens += other.reused_prompt_tokens
+        self.tool_calls += other.tool_calls
+        self.sandbox_cpu_s += other.sandbox_cpu_s
+        self.syscalls += other.syscalls
+
 
 class Charge(BaseModel):
     """What one syscall cost; journaled with its result, so accounting is derived from the journal."""
@@ -128,6 +138,8 @@ class Process:
         self.stop_reason: tuple[State, str] | None = None
         self.started = time.monotonic()
         self.wall_time_before = info.usage.wall_time_s  # from earlier runs, before a resume
+        # What this process and all its descendants consumed: what its budget is checked against.
+        self.tree_usage = info.usage.model_copy()
         self._next_seq = 0
         self.tainted = False  # a tool returned untrusted content since a person last approved
         self._replay = replay  # journaled results by syscall number: returned, not re-executed
@@ -154,11 +166,6 @@ class Process:
 
     def wall_time(self) -> float:
         return self.wall_time_before + (time.monotonic() - self.started)
-
-    def remaining_tokens(self) -> int | None:
-        if self.info.budget.tokens is None:
-            return None
-        return max(0, self.info.budget.tokens - self.info.usage.tokens)
 
     async def syscall(self, call: str, /, **args: Any) -> Reply:
         return await self.kernel.dispatch(self, call, args)

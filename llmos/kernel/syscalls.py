@@ -192,10 +192,19 @@ async def sys_llm_chat(kernel: Kernel, proc: Process, args: ChatArgs) -> Outcome
     backend = await kernel.llm(args.model)
     request = ChatRequest.model_validate(args.model_dump(exclude={"model"}))
     request.session = str(proc.pid)  # per-process KV state in backends that keep it
-    remaining = proc.remaining_tokens()
-    if remaining is not None:
-        request.max_tokens = min(request.max_tokens or remaining, remaining)
     async with kernel.scheduler.slot("llm", proc.info.priority):
+        # Asked only now: while this call waited for the model, others under the same budget
+        # (its parent's, say) may have spent it. One call at a time holds the slot.
+        allowance = kernel.token_allowance(proc)
+        if allowance is not None:
+            # The prompt is charged too: the answer may only have what the prompt leaves.
+            remaining, budget = allowance
+            text = "\n".join(message.content for message in request.messages)
+            left = remaining - await asyncio.to_thread(backend.count_tokens, text)
+            if left <= 0:
+                message = f"llm.chat refused: {budget} used up ({remaining} left, too few for the prompt)"
+                raise HandlerError(ErrorCode.BUDGET, message)
+            request.max_tokens = min(request.max_tokens or left, left)
         result = await backend.chat(request, on_text=lambda text: proc.emit("text", {"text": text}))
     usage = result.usage
     charge = Charge(

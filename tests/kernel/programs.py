@@ -120,3 +120,34 @@ async def browse_then_run(proc: Process) -> list[object]:
         reply = await proc.syscall("tool.call", name=name, arguments=arguments)
         outcomes.append(reply.value["content"] if reply.ok else reply.error.code)  # type: ignore[union-attr]
     return outcomes
+
+
+async def chatter(proc: Process, calls: int) -> list[str]:
+    """Ask the model `calls` times; report each outcome (ok or the error code)."""
+    outcomes = []
+    for _ in range(calls):
+        reply = await proc.syscall("llm.chat", messages=[{"role": "user", "content": "say words"}])
+        outcomes.append("ok" if reply.ok else f"{reply.error.code}: {reply.error.message}")  # type: ignore[union-attr]
+    return outcomes
+
+
+async def parent_of_chatters(proc: Process, children: int, calls: int) -> list[list[str]]:
+    """Spawn children that each ask the model `calls` times (with no budget of their own)."""
+    pids = []
+    for _ in range(children):
+        pids.append(
+            (await proc.syscall("proc.spawn", program=f"{__name__}:chatter", args={"calls": calls})).unwrap()
+        )
+    return [(await proc.syscall("proc.wait", pid=pid)).unwrap()["result"] for pid in pids]
+
+
+async def two_chatters_in_turn(proc: Process, calls: int) -> list[list[str]]:
+    """One chatter child, a pause (where a test stops the kernel), then another."""
+    results = []
+    for _ in range(2):
+        child = (
+            await proc.syscall("proc.spawn", program=f"{__name__}:chatter", args={"calls": calls})
+        ).unwrap()
+        results.append((await proc.syscall("proc.wait", pid=child)).unwrap()["result"])
+        await proc.syscall("sleep", seconds=0.5)
+    return results

@@ -15,7 +15,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # `programs` must import by one name in every kernel
 
-from programs import append_line, parent_of_sleepers, three_appends
+from programs import (
+    append_line,
+    parent_of_chatters,
+    parent_of_sleepers,
+    three_appends,
+    two_chatters_in_turn,
+)
 
 from llmos.config import load_config
 from llmos.cpu.scripted import ScriptedLLM
@@ -105,7 +111,48 @@ async def test_token_budget_is_charged_and_enforced(llmos_home: Path) -> None:
         assert info.result == ["ok", "ok", "budget", "budget"]
         assert info.usage.tokens == 14 and info.usage.prompt_tokens == 4
         assert kernel.journal.usage_by_backend()["scripted"].tokens == 14
-        assert llm.requests[1].max_tokens == 7  # the second call may only spend what is left
+        assert llm.requests[1].max_tokens == 5  # what is left (7) less the prompt (2)
+
+
+async def test_a_budget_covers_the_children_a_process_spawns(llmos_home: Path) -> None:
+    llm = ScriptedLLM(["one two three four five"] * 20)  # 7 tokens a call
+
+    async with Kernel(config(llmos_home), llm=llm) as kernel:
+        # The children have no budget of their own; the parent's 30 tokens hold for all of them.
+        info = await kernel.run(
+            parent_of_chatters, args={"children": 3, "calls": 2}, budget=Budget(tokens=30)
+        )
+        outcomes = [outcome for child in info.result for outcome in child]
+        assert outcomes.count("ok") == 4  # 4 calls of 7 tokens; the 2 left do not hold a prompt
+        refused = [o for o in outcomes if o != "ok"]
+        assert refused and all(
+            o.startswith("budget: llm.chat refused: token budget of 30")
+            and f"(the budget of process {info.pid}, parent_of_chatters, covers it)" in o
+            for o in refused
+        ), refused
+        children = [kernel.process(child.pid) for child in kernel.journal.children(info.pid)]
+        assert sum(child.usage.tokens for child in children) <= 30
+        assert all(child.budget.tokens is None for child in children)
+
+
+async def test_a_resumed_parent_still_counts_what_its_children_spent(llmos_home: Path) -> None:
+    words = ["one two three four five"] * 10  # 7 tokens a call
+    async with Kernel(config(llmos_home), llm=ScriptedLLM(words)) as kernel:
+        pid = await kernel.spawn(two_chatters_in_turn, args={"calls": 2}, budget=Budget(tokens=20))
+        while (
+            not (children := kernel.journal.children(pid))
+            or kernel.process(children[0].pid).state != State.DONE
+        ):
+            await asyncio.sleep(0.02)
+    # The kernel stopped while the parent paused; a new one resumes it.
+    async with Kernel(config(llmos_home), llm=ScriptedLLM(words)) as kernel:
+        await kernel.resume(pid)
+        info = await kernel.wait(pid, timeout_s=30)
+        spent = sum(kernel.process(child.pid).usage.tokens for child in kernel.journal.children(pid))
+    first, second = info.result
+    assert first == ["ok", "ok"]  # 14 tokens before the restart
+    assert second[0] == "ok" and second[1].startswith("budget:"), second  # 6 left after it, not 20
+    assert spent <= 20
 
 
 async def test_tool_call_budget_is_enforced(llmos_home: Path, tmp_path: Path) -> None:
