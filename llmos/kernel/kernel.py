@@ -119,6 +119,7 @@ class Kernel:
         self.tools = tools or ToolRegistry()
         self.secrets = dict(secrets or {})  # injected into tool calls, never shown to a model
         self.scheduler = Scheduler()
+        self._closing_sessions: set[asyncio.Task[None]] = set()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._backends: dict[str | None, LLMBackend] = {None: llm} if llm else {}
         self._sandbox = sandbox
@@ -177,6 +178,7 @@ class Kernel:
         for backend in self._backends.values():
             await backend.aclose()
         if self._sandbox is not None:
+            await asyncio.gather(*self._closing_sessions, return_exceptions=True)
             await self._sandbox.aclose()
         if self._memory is not None:
             await asyncio.to_thread(self._memory.close)
@@ -302,6 +304,11 @@ class Kernel:
         )
         proc.info.usage.wall_time_s = wall_time
         self._live.pop(proc.pid, None)
+        if state.finished and self._sandbox is not None:
+            # Free its sandbox worker now, not when it would idle out; its workspace stays.
+            closing = asyncio.create_task(self._sandbox.close_session(str(proc.pid)))
+            self._closing_sessions.add(closing)
+            closing.add_done_callback(self._closing_sessions.discard)
         proc.finished.set()
         proc.emit("state", {"state": state.value, "error": error})
 

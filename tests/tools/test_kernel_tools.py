@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,12 @@ async def test_file_tools_and_python_share_one_workspace_that_outlives_the_kerne
         pid = await kernel.spawn(files_and_python, capabilities=["tool:*"])
         info = await kernel.wait(pid, timeout_s=60)
         workspace = kernel.workspace(pid)
+        sandbox = await kernel.sandbox()
+        for _ in range(100):  # the finished process's worker is stopped without waiting to idle out
+            if str(pid) not in sandbox.running_sessions:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.05)
+        assert str(pid) not in sandbox.running_sessions  # type: ignore[attr-defined]
     assert info.error is None, info.error
     assert info.result["ran"]["ok"], info.result["ran"]  # python read and appended to write_file's file
     assert info.result["read"]["ok"] and info.result["read"]["content"]["content"] == "12"

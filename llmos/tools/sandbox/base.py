@@ -589,6 +589,11 @@ class WorkerSandbox:
         await self._pool.reap_idle()
         return await worker.request(code, limits_for(self.config, limits), workspace)
 
+    @property
+    def running_sessions(self) -> list[str]:
+        """The sessions whose worker is running now."""
+        return [name for name, worker in self._pool.sessions.items() if worker.running]
+
     def session(self, session: str) -> WorkerSession:
         """The host side of a session's worker (stats: cold_start_s, starts, calls, pid)."""
         return self._pool.get(session)
