@@ -15,8 +15,8 @@ the same agents run again, where the system prompts come from the prefix cache.
 
 The two sides run on separate model instances and are interleaved turn by turn (llmos turn,
 then the same naive turn), so load from other processes hits both alike. Prints total time and
-mean time to first token per turn (all turns, and turns 2+, where every turn is a switch back to
-a session) for each run, the ratios, and one JSON line.
+mean time to first token (over all turns, for each turn number, and over turns 2+, where every
+turn is a switch back to a session) for each run, the ratios, and one JSON line.
 
     .venv/bin/python bench/kv_switch.py [--model qwen2.5-coder-0.5b-instruct] [--sessions 4] [--turns 3]
 """
@@ -82,11 +82,16 @@ class Side:
 
     def figures(self) -> dict[str, float]:
         later = [t for turn, t in self.ttfts if turn > 0]
+        turns = sorted({turn for turn, _ in self.ttfts})
         return {
             "total_s": self.total_s,
             "mean_ttft_s": statistics.mean(t for _, t in self.ttfts),
             "mean_ttft_later_turns_s": statistics.mean(later) if later else 0.0,
             "reused_prompt_tokens": self.reused,
+            **{
+                f"mean_ttft_turn{turn + 1}_s": statistics.mean(t for n, t in self.ttfts if n == turn)
+                for turn in turns
+            },
         }
 
 
@@ -117,7 +122,17 @@ def report(title: str, llmos: dict[str, float], naive: dict[str, float]) -> dict
             f"mean TTFT turns 2+ {figures['mean_ttft_later_turns_s']:6.3f} s   "
             f"reused {figures['reused_prompt_tokens']:6.0f} tokens"
         )
+    by_turn = sorted(key for key in llmos if key.startswith("mean_ttft_turn"))
+    for key in by_turn:
+        print(
+            f"  turn {key.removeprefix('mean_ttft_turn').removesuffix('_s')}: mean TTFT naive "
+            f"{naive[key]:6.3f} s, llmos {llmos[key]:6.3f} s, {naive[key] / llmos[key]:5.1f}x lower"
+        )
     ratios = {
+        **{
+            f"ttft_ratio_{key.removeprefix('mean_ttft_').removesuffix('_s')}": naive[key] / llmos[key]
+            for key in by_turn
+        },
         "ttft_ratio": naive["mean_ttft_s"] / llmos["mean_ttft_s"],
         "ttft_ratio_turns2plus": naive["mean_ttft_later_turns_s"] / llmos["mean_ttft_later_turns_s"],
         "total_ratio": naive["total_s"] / llmos["total_s"],
