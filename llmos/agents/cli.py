@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,12 +36,15 @@ async def _follow(kernel: Kernel, pid: int) -> ProcessInfo:
         raise
 
 
-def _finish(info: ProcessInfo) -> None:
+def _finish(info: ProcessInfo, workspace: Path) -> None:
     usage = info.usage
     out.print(
         f"[dim]process {info.pid} {info.state.value}: {usage.tokens} tokens "
         f"({usage.reused_prompt_tokens} reused), {usage.tool_calls} tool calls, {usage.wall_time_s:.1f}s[/]"
     )
+    made = sum(1 for path in workspace.rglob("*") if path.is_file()) if workspace.is_dir() else 0
+    if made:
+        out.print(f"[dim]its files ({made}): {workspace}[/]", highlight=False, soft_wrap=True)
     if info.state != State.DONE:
         err.print(f"[red]error:[/] {info.error or info.state.value}")
         raise typer.Exit(1)
@@ -74,7 +78,8 @@ def run(
             )
             return await _follow(kernel, pid)
 
-    _finish(_run_async(main))
+    info = _run_async(main)
+    _finish(info, config.home / "workspaces" / str(info.pid))
 
 
 def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from `llmos ps`.")]) -> None:
@@ -90,7 +95,7 @@ def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from
             out.print(f"[dim]process {pid} resumed[/]")
             return await _follow(kernel, pid)
 
-    _finish(_run_async(main))
+    _finish(_run_async(main), config.home / "workspaces" / str(pid))
 
 
 def _run_async(main: Callable[[], Coroutine[Any, Any, ProcessInfo]]) -> ProcessInfo:

@@ -44,6 +44,7 @@ def test_sigkill_then_resume_does_not_repeat_finished_tool_calls(tmp_path: Path,
     resumed = subprocess.run([*llmos, "resume", "1"], capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert "wrote two lines" in resumed.stdout
+    assert f"its files (1): {log.parent}" in resumed.stdout
     assert log.read_text() == "one\ntwo\n"  # neither write ran again
     trace = subprocess.run([*llmos, "log", "1"], capture_output=True, text=True, check=True).stdout
     assert trace.count("tool.call(") == 2
