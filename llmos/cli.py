@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from importlib.metadata import version
 from typing import Annotated, Any
 
@@ -76,20 +77,25 @@ def _shown_state(config: Config, journal: Journal, info: ProcessInfo) -> str:
 def ps(
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Include finished processes.")] = False,
 ) -> None:
-    """List processes: state, tokens, tool calls and time used."""
+    """List processes: state, the syscall each is in now, tokens, tool calls and time used."""
     config = load_config()
     journal = _open_journal(config)
-    table = Table("PID", "PPID", "NAME", "STATE", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
-    for info in journal.processes():
+    table = Table("PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
+    processes = journal.processes()
+    running = [info.pid for info in processes if not info.state.finished]
+    now = journal.in_flight(running)
+    for info in processes:
         state = _shown_state(config, journal, info)
         if not show_all and State(state).finished:
             continue
         usage = info.usage
+        call = now.get(info.pid) if state in (State.RUNNING, State.WAITING, State.BLOCKED) else None
         table.add_row(
             str(info.pid),
             str(info.ppid or "-"),
             info.name,
             state,
+            f"{call[0]} {time.time() - call[1]:.0f}s" if call else "-",
             str(usage.tokens),
             str(usage.tool_calls),
             str(usage.syscalls),

@@ -208,6 +208,20 @@ class Journal:
             for r in rows
         ]
 
+    def in_flight(self, pids: list[int]) -> dict[int, tuple[str, float]]:
+        """pid -> (syscall, when it was called) of the syscall each process is in now, if any."""
+        if not pids:
+            return {}
+        marks = ", ".join("?" for _ in pids)
+        rows = self.db.execute(
+            f"""SELECT c.pid, c.name, c.ts FROM events c
+                WHERE c.kind = 'call' AND c.pid IN ({marks}) AND NOT EXISTS (
+                    SELECT 1 FROM events r WHERE r.kind = 'result' AND r.pid = c.pid AND r.seq = c.seq)
+                ORDER BY c.id""",
+            pids,
+        ).fetchall()
+        return {pid: (name, ts) for pid, name, ts in rows}  # the latest call of each pid wins
+
     def completed_results(self, pid: int) -> dict[int, dict[str, Any]]:
         """seq -> result data of every syscall of `pid` that finished, for replay on resume."""
         rows = self.db.execute(

@@ -1,7 +1,7 @@
 """The scheduler: who gets a device next when several processes want it at once.
 
 A local model computes one request at a time, so LLM syscalls queue for it. Waiters are served
-by priority (higher first), then in arrival order, which is what `llmos top` shows as waiting.
+by priority (higher first), then in arrival order, which is what the shell's `/top` shows as waiting.
 """
 
 from __future__ import annotations

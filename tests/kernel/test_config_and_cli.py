@@ -75,3 +75,22 @@ def test_cli_version_ps_log_and_config_show(llmos_home: Path) -> None:
     assert runner.invoke(app, ["log", "42"]).exit_code == 1
     shown = runner.invoke(app, ["config", "show"])
     assert shown.exit_code == 0 and "[llm]" in shown.output and str(llmos_home) in shown.output
+
+
+def test_ps_shows_the_syscall_a_running_process_is_in(llmos_home: Path) -> None:
+    async def napper(proc: Process) -> None:
+        await proc.syscall("sleep", seconds=30)
+
+    async def run() -> str:
+        async with Kernel() as kernel:
+            pid = await kernel.spawn(napper)
+            await asyncio.sleep(0.3)
+            # Another terminal's `llmos ps`: it reads the journal while the kernel runs.
+            listing = await asyncio.to_thread(CliRunner().invoke, app, ["ps"])
+            await kernel.kill(pid)
+            return f"{pid} {listing.output}"
+
+    output = asyncio.run(run())
+    pid, _, table = output.partition(" ")
+    row = next(line for line in table.splitlines() if line.split()[:1] == [pid])
+    assert "napper" in row and "sleep 0s" in row, table
