@@ -33,7 +33,16 @@ from llmos.cpu.base import LLMBackend
 from llmos.kernel.journal import Journal, JournalEvent
 from llmos.kernel.mailbox import Mailboxes
 from llmos.kernel.policy import Approval, Approvals, decide
-from llmos.kernel.process import Budget, Charge, Process, ProcessInfo, Program, State, exhausted
+from llmos.kernel.process import (
+    Budget,
+    Charge,
+    Process,
+    ProcessInfo,
+    Program,
+    State,
+    budget_owner,
+    exhausted,
+)
 from llmos.kernel.scheduler import Scheduler
 from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply, Syscall
 from llmos.tools.registry import ToolContext, ToolRegistry, ToolResult, UnknownTool
@@ -510,17 +519,18 @@ class Kernel:
             budget = Budget.model_validate(holder.info.budget.model_dump(include={*syscall.budgets, *wall}))
             reason = exhausted(budget, holder.tree_usage)
             if reason is not None:
-                return reason + _whose(proc, holder)
+                return reason + budget_owner(proc, holder)
         return None
 
-    def token_allowance(self, proc: Process) -> tuple[int, str] | None:
-        """The tokens `proc` may still spend, and a phrase naming that budget; None: no token budget."""
-        tightest: tuple[int, str] | None = None
+    def token_allowance(self, proc: Process) -> tuple[int, Process] | None:
+        """The tokens `proc` may still spend and the process whose budget allows no more (itself
+        or an ancestor), or None when no token budget is over it."""
+        tightest: tuple[int, Process] | None = None
         for holder in (proc, *self._ancestors(proc)):
             if holder.info.budget.tokens is not None:
                 left = max(0, holder.info.budget.tokens - holder.tree_usage.tokens)
                 if tightest is None or left < tightest[0]:
-                    tightest = (left, f"token budget of {holder.info.budget.tokens}{_whose(proc, holder)}")
+                    tightest = (left, holder)
         return tightest
 
     def _ancestors(self, proc: Process) -> list[Process]:
@@ -659,8 +669,3 @@ class SyncKernel:
 async def _now(fn: Callable[[], T]) -> T:
     """Run a plain function on the kernel's thread, which owns the journal connection."""
     return fn()
-
-
-def _whose(proc: Process, holder: Process) -> str:
-    """Names the budget's process when it is an ancestor's."""
-    return "" if holder is proc else f" (the budget of process {holder.pid}, {holder.info.name}, covers it)"

@@ -174,3 +174,10 @@ class Process:
         """Tell whoever watches this process (CLI, shell, an embedding app) what just happened."""
         for listener in [*self.listeners, *self.kernel.listeners]:
             listener(kind, {"pid": self.pid, **data})
+
+
+def budget_owner(proc: Process, holder: Process) -> str:
+    """Names the budget's process when it is an ancestor's, to end a refusal with."""
+    if holder is proc:
+        return ""
+    return f"; it is the budget of process {holder.pid} ({holder.info.name}), which covers this one"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.cpu.base import ChatRequest
-from llmos.kernel.process import Budget, Charge, Process
+from llmos.kernel.process import Budget, Charge, Process, budget_owner
 
 if TYPE_CHECKING:
     from llmos.kernel.kernel import Kernel
@@ -198,11 +198,14 @@ async def sys_llm_chat(kernel: Kernel, proc: Process, args: ChatArgs) -> Outcome
         allowance = kernel.token_allowance(proc)
         if allowance is not None:
             # The prompt is charged too: the answer may only have what the prompt leaves.
-            remaining, budget = allowance
+            remaining, holder = allowance
             text = "\n".join(message.content for message in request.messages)
             left = remaining - await asyncio.to_thread(backend.count_tokens, text)
             if left <= 0:
-                message = f"llm.chat refused: {budget} used up ({remaining} left, too few for the prompt)"
+                message = (
+                    f"llm.chat refused: token budget of {holder.info.budget.tokens} used up ({remaining} "
+                    f"left, too few for the prompt){budget_owner(proc, holder)}"
+                )
                 raise HandlerError(ErrorCode.BUDGET, message)
             request.max_tokens = min(request.max_tokens or left, left)
         result = await backend.chat(request, on_text=lambda text: proc.emit("text", {"text": text}))

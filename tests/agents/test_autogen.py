@@ -205,6 +205,21 @@ async def test_scripted_round_robin_team_is_a_process_tree_charged_per_member(co
         assert result["message_usage"] == result["client_usage"]
 
 
+async def test_a_budget_on_the_team_holds_for_all_its_members(config: Config) -> None:
+    replies = ["def add(a, b): return a + b", "Fine. APPROVE"]
+    async with Kernel(config, llm=ScriptedLLM(replies)) as kernel:
+        free = await run_team(kernel, pair(max_turns=4, termination_text="APPROVE"), "Write add(a, b).")
+        coder_tokens = kernel.process(free.result["members"]["coder"]).usage.tokens
+    # Room for the coder's call and not much more: the members have no budgets of their own.
+    async with Kernel(config, llm=ScriptedLLM(replies)) as kernel:
+        spec = pair(max_turns=4, termination_text="APPROVE")
+        info = await run_team(kernel, spec, "Write add(a, b).", budget=Budget(tokens=coder_tokens + 5))
+        assert info.state == State.FAILED
+        assert f"token budget of {coder_tokens + 5}" in (info.error or ""), info.error
+        assert f"the budget of process {info.pid} (team), which covers" in (info.error or ""), info.error
+        assert team_tokens(kernel, info.pid) <= coder_tokens + 5
+
+
 async def test_scripted_selector_calls_are_charged_to_the_team(config: Config) -> None:
     llm = ScriptedLLM(
         [selector_or("", "coder"), "def add(a, b): return a + b", selector_or("", "reviewer"), "Fine."]

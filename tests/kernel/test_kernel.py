@@ -127,7 +127,7 @@ async def test_a_budget_covers_the_children_a_process_spawns(llmos_home: Path) -
         refused = [o for o in outcomes if o != "ok"]
         assert refused and all(
             o.startswith("budget: llm.chat refused: token budget of 30")
-            and f"(the budget of process {info.pid}, parent_of_chatters, covers it)" in o
+            and f"; it is the budget of process {info.pid} (parent_of_chatters), which covers this one" in o
             for o in refused
         ), refused
         children = [kernel.process(child.pid) for child in kernel.journal.children(info.pid)]
