@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from importlib.metadata import version
@@ -25,6 +26,7 @@ from llmos.kernel.trace import short, trace_lines
 from llmos.memory.cli import app as memory_app
 from llmos.memory.store import MemoryStoreError
 from llmos.shell import cli as shell_cli
+from llmos.tools.sandbox.base import disk_use
 from llmos.tools.sandbox.cli import app as sandbox_app
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
@@ -102,6 +104,29 @@ def ps(
             f"{usage.wall_time_s:.1f}s",
         )
     out.print(table)
+
+
+@app.command()
+def prune(
+    days: Annotated[float, typer.Option(help="Keep what finished less than this many days ago.")] = 7.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+) -> None:
+    """Delete the workspaces of processes that finished long enough ago (their journal stays)."""
+    config = load_config()
+    journal = _open_journal(config)
+    cutoff = time.time() - days * 86400
+    gone, freed = 0, 0
+    for info in journal.processes([State.DONE, State.FAILED, State.KILLED]):
+        workspace = config.home / "workspaces" / str(info.pid)
+        old_enough = info.ended_at is not None and info.ended_at <= cutoff
+        if not old_enough or workspace.is_symlink() or not workspace.is_dir():
+            continue
+        gone, freed = gone + 1, freed + (disk_use(workspace) or 0)
+        if not dry_run:
+            shutil.rmtree(workspace)
+    verb = "would free" if dry_run else "freed"
+    ended = f"{gone} workspaces of processes that ended over {days:g} days ago"
+    out.print(f"{ended}: {verb} {freed / 2**20:.1f} MB")
 
 
 @app.command("log")

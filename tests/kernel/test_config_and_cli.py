@@ -94,3 +94,31 @@ def test_ps_shows_the_syscall_a_running_process_is_in(llmos_home: Path) -> None:
     pid, _, table = output.partition(" ")
     row = next(line for line in table.splitlines() if line.split()[:1] == [pid])
     assert "napper" in row and "sleep 0s" in row, table
+
+
+def test_prune_deletes_old_workspaces_of_finished_processes_only(llmos_home: Path) -> None:
+    async def writer(proc: Process) -> None:
+        (proc.kernel.workspace(proc.pid) / "out.txt").write_text("x" * 5000)
+
+    async def napper(proc: Process) -> None:
+        (proc.kernel.workspace(proc.pid) / "notes.txt").write_text("keep me")
+        await proc.syscall("sleep", seconds=30)
+
+    async def run() -> tuple[int, int]:
+        async with Kernel() as kernel:
+            done = (await kernel.run(writer)).pid
+            running = await kernel.spawn(napper)
+            await asyncio.sleep(0.2)
+        return done, running  # the napper is interrupted by the shutdown: resumable, so kept
+
+    done, interrupted = asyncio.run(run())
+    runner = CliRunner()
+    kept = runner.invoke(app, ["prune"])  # ended seconds ago: younger than 7 days
+    assert kept.exit_code == 0 and "0 workspaces" in kept.output
+    dry = runner.invoke(app, ["prune", "--days", "0", "--dry-run"])
+    assert "1 workspaces" in dry.output and "would free" in dry.output
+    assert (llmos_home / "workspaces" / str(done)).is_dir()
+    pruned = runner.invoke(app, ["prune", "--days", "0"])
+    assert pruned.exit_code == 0 and "1 workspaces" in pruned.output and "freed" in pruned.output
+    assert not (llmos_home / "workspaces" / str(done)).exists()
+    assert (llmos_home / "workspaces" / str(interrupted) / "notes.txt").read_text() == "keep me"
