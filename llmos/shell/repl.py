@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ HELP = """\
 type a task            run it with the current agent, streaming its steps
 /spawn TASK            run a task in the background
 /ps [-a]               processes (with -a: finished ones too)
-/top [SECONDS]         live tokens and time per process
+/top [SECONDS]         live: the syscall each process is in, tokens and time
 /kill PID              kill a process and its children
 /log PID               a process's syscall trace
 /approve KEY [no]      answer a pending approval (/approve alone lists them)
@@ -152,16 +153,18 @@ class Shell:
         return processes[-1].pid if processes else None
 
     def _top_table(self) -> Table:
-        table = Table(
-            "PID", "NAME", "STATE", "PROMPT", "COMPLETION", "REUSED", "TOOLS", "TIME", title="llmos top"
-        )
-        for info in self.kernel.ps():
-            if info.state.finished:
-                continue
+        columns = ("PID", "NAME", "STATE", "NOW", "PROMPT", "COMPLETION", "REUSED", "TOOLS", "TIME")
+        table = Table(*columns, title="llmos top")
+        running = [info for info in self.kernel.ps() if not info.state.finished]
+        now = self.kernel.journal.in_flight([info.pid for info in running])
+        for info in running:
             u = info.usage
+            call = now.get(info.pid)
+            doing = f"{call[0]} {time.time() - call[1]:.0f}s" if call else "-"
             table.add_row(
-                str(info.pid), info.name, info.state.value, str(u.prompt_tokens), str(u.completion_tokens),
-                str(u.reused_prompt_tokens), str(u.tool_calls), f"{u.wall_time_s:.1f}s",
+                str(info.pid), info.name, info.state.value, doing, str(u.prompt_tokens),
+                str(u.completion_tokens), str(u.reused_prompt_tokens), str(u.tool_calls),
+                f"{u.wall_time_s:.1f}s",
             )  # fmt: skip
         queue = self.kernel.scheduler.queue("llm")
         table.caption = f"llm: {queue.busy} busy, {queue.waiting} waiting"

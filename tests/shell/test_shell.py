@@ -48,6 +48,8 @@ def test_shell_runs_a_task_lists_approves_and_kills(tmp_path: Path, llmos_home: 
         shell.expect(r"approval needed \[2:2\] write_file")  # its first syscall is the model call
         shell.sendline("/ps")
         shell.expect(r"2\s+-\s+assistant\s+blocked-on-approval")
+        shell.sendline("/top 0.5")  # NOW: the syscall it waits in
+        shell.expect(r"2\W+assistant\W+blocked-on-approval\W+tool\.call \d+s")
         shell.sendline("/kill 2")
         shell.expect("process 2 killed")
         shell.sendline("/ps -a")
