@@ -501,22 +501,21 @@ class LlamaCppBackend:
                 engine.owner = None
             self._store.close()
 
-    def _switch_to(self, session: str | None, prompt: list[int], prefix: list[int]) -> None:
+    def _switch_to(self, session: str | None, prompt: list[int]) -> None:
         """Make the KV cache the best starting point for `session`'s prompt."""
         engine, llm = self._engine, self._engine.llm
         owner = engine.owner
-        if owner is None or owner[0] is not self._store or owner[1] != session:
-            if owner is not None and owner[1] is not None:
-                owner[0].save(llm, owner[1])
-            if session is not None:
-                snapshot = self._store.get(session)
-                in_cache = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
-                better = snapshot is not None and _common_prefix(snapshot.tokens, prompt) > in_cache
-                if snapshot is not None and better and not self._store.load(llm, snapshot):
-                    self._store.drop(session)
-            engine.owner = (self._store, session)
-        if prefix and _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt) < len(prefix):
-            self._prefixes.load(llm, prefix)
+        if owner is not None and owner[0] is self._store and owner[1] == session:
+            return
+        if owner is not None and owner[1] is not None:
+            owner[0].save(llm, owner[1])
+        if session is not None:
+            snapshot = self._store.get(session)
+            in_cache = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+            better = snapshot is not None and _common_prefix(snapshot.tokens, prompt) > in_cache
+            if snapshot is not None and better and not self._store.load(llm, snapshot):
+                self._store.drop(session)
+        engine.owner = (self._store, session)
 
     def _chat_sync(
         self, request: ChatRequest, emit: Emit | None, cancel: threading.Event, started: float
@@ -589,12 +588,15 @@ class LlamaCppBackend:
                 f"The prompt has {len(prompt)} tokens but {self.name}'s context holds {n_ctx}; "
                 "shorten the conversation or raise llm.n_ctx."
             )
+        self._switch_to(request.session, prompt)
+        in_cache = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
         prefix = self._system_prefix(messages, prompt)
-        self._switch_to(request.session, prompt, prefix)
+        if len(prefix) > in_cache and self._prefixes.load(llm, prefix):
+            in_cache = len(prefix)
         # At least one prompt token is evaluated so the logits that pick the first token are fresh.
-        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt), len(prompt) - 1)
+        reused = min(in_cache, len(prompt) - 1)
         llm.n_tokens = reused
-        if prefix and reused < len(prefix):
+        if reused < len(prefix):
             # Evaluated in two parts so the system prompt's state can be saved on its own.
             llm.eval(prompt[reused : len(prefix)])
             self._prefixes.save(llm, prefix)
