@@ -117,7 +117,7 @@ def prune(
     cutoff = time.time() - days * 86400
     gone, freed = 0, 0
     for info in journal.processes([State.DONE, State.FAILED, State.KILLED]):
-        workspace = config.home / "workspaces" / str(info.pid)
+        workspace = config.workspace(info.pid)
         old_enough = info.ended_at is not None and info.ended_at <= cutoff
         if not old_enough or workspace.is_symlink() or not workspace.is_dir():
             continue

@@ -119,6 +119,10 @@ class Config(Section):
     def journal_path(self) -> Path:
         return self.home / "journal.sqlite3"
 
+    def workspace(self, pid: int | str) -> Path:
+        """Where process `pid` keeps its files: its file tools' and its sandbox session's folder."""
+        return self.home / "workspaces" / str(pid)
+
 
 class ConfigError(Exception):
     """A configuration value a user has to fix; the message is one sentence."""

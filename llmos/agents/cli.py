@@ -79,7 +79,7 @@ def run(
             return await _follow(kernel, pid)
 
     info = _run_async(main)
-    _finish(info, config.home / "workspaces" / str(info.pid))
+    _finish(info, config.workspace(info.pid))
 
 
 def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from `llmos ps`.")]) -> None:
@@ -95,7 +95,7 @@ def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from
             out.print(f"[dim]process {pid} resumed[/]")
             return await _follow(kernel, pid)
 
-    _finish(_run_async(main), config.home / "workspaces" / str(pid))
+    _finish(_run_async(main), config.workspace(pid))
 
 
 def _run_async(main: Callable[[], Coroutine[Any, Any, ProcessInfo]]) -> ProcessInfo:

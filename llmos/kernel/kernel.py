@@ -584,7 +584,7 @@ class Kernel:
 
     def workspace(self, pid: int) -> Path:
         """The process's folder: its file tools' and its sandbox session's, kept after it ends."""
-        path = self.config.home / "workspaces" / str(pid)
+        path = self.config.workspace(pid)
         if not path.is_dir():
             path.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:  # sandboxed code runs as the sandbox uid: the folder is its

@@ -128,13 +128,15 @@ async def test_aclose_leaves_no_containers(tmp_path: Path, docker_host: str) -> 
     await sandbox.aclose()
     assert container_names(docker_host, sandbox.owner) == []
     assert list(sandbox.spares.iterdir()) == []  # the warm containers' spare folders are gone
-    assert sorted(p.name for p in sandbox.workspaces.iterdir()) == ["a", "b"]  # the sessions' stay
+    workspaces = sandbox.config.workspace("a").parent
+    assert sorted(p.name for p in workspaces.iterdir()) == ["a", "b"]  # the sessions' stay
 
 
 async def test_symlinked_workspace_is_refused(tmp_path: Path, docker_host: str) -> None:
     async with DockerSandbox(make_config(tmp_path, docker_host, pool_size=0)) as sandbox:
-        sandbox.workspaces.mkdir(parents=True, exist_ok=True)
-        (sandbox.workspaces / "evil").symlink_to("/etc")
+        evil = sandbox.config.workspace("evil")
+        evil.parent.mkdir(parents=True, exist_ok=True)
+        evil.symlink_to("/etc")
         with pytest.raises(SandboxError, match="link"):
             await sandbox.exec("evil", "1")
 

@@ -558,7 +558,6 @@ class WorkerSandbox:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.root = config.home / "sandbox" / self.name
-        self.workspaces = config.home / "workspaces"
         self.spares = self.root / "spares"
         self._pool = SessionPool(config, self._new_session)
 
@@ -566,7 +565,7 @@ class WorkerSandbox:
         raise NotImplementedError
 
     def workspace(self, session: str) -> Path:
-        path = self.workspaces / check_session_name(session)
+        path = self.config.workspace(check_session_name(session))
         if path.is_symlink():  # preparing it would change the owner of whatever it points to
             raise SandboxError(f"The workspace {path} is a symbolic link; remove it, it must be a folder.")
         path.mkdir(parents=True, exist_ok=True)

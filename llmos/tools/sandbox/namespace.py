@@ -466,7 +466,7 @@ class NamespaceSandbox(WorkerSandbox):
                 self._refill = asyncio.ensure_future(self._warm_up_quietly())
         if self._warm:
             place, worker = self._warm.pop(0)
-            target = self.workspaces / check_session_name(session)
+            target = self.config.workspace(check_session_name(session))
             adopt_spare(place.workspace, target)
             place.workspace = target
             return worker
