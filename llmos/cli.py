@@ -22,7 +22,7 @@ from llmos.kernel.journal import Journal
 from llmos.kernel.kernel import KernelError, boot_alive
 from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
-from llmos.kernel.trace import short, trace_lines
+from llmos.kernel.trace import doing_now, short, trace_lines
 from llmos.memory.cli import app as memory_app
 from llmos.memory.store import MemoryStoreError
 from llmos.shell import cli as shell_cli
@@ -85,19 +85,19 @@ def ps(
     table = Table("PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
     processes = journal.processes()
     running = [info.pid for info in processes if not info.state.finished]
-    now = journal.in_flight(running)
+    now = doing_now(journal, running)
     for info in processes:
         state = _shown_state(config, journal, info)
         if not show_all and State(state).finished:
             continue
         usage = info.usage
-        call = now.get(info.pid) if state in (State.RUNNING, State.WAITING, State.BLOCKED) else None
+        doing = now.get(info.pid, "-") if state in (State.RUNNING, State.WAITING, State.BLOCKED) else "-"
         table.add_row(
             str(info.pid),
             str(info.ppid or "-"),
             info.name,
             state,
-            f"{call[0]} {time.time() - call[1]:.0f}s" if call else "-",
+            doing,
             str(usage.tokens),
             str(usage.tool_calls),
             str(usage.syscalls),
@@ -121,7 +121,7 @@ def prune(
         old_enough = info.ended_at is not None and info.ended_at <= cutoff
         if not old_enough or workspace.is_symlink() or not workspace.is_dir():
             continue
-        gone, freed = gone + 1, freed + (disk_use(workspace) or 0)
+        gone, freed = gone + 1, freed + disk_use(workspace)
         if not dry_run:
             shutil.rmtree(workspace)
     verb = "would free" if dry_run else "freed"

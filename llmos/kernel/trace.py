@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from llmos.kernel.journal import JournalEvent
+from llmos.kernel.journal import Journal, JournalEvent
 
 
 def short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def doing_now(journal: Journal, pids: list[int]) -> dict[int, str]:
+    """pid -> the syscall it is in and for how long ("llm.chat 3s"), as `ps` and `/top` show it."""
+    now = time.time()
+    return {pid: f"{name} {now - ts:.0f}s" for pid, (name, ts) in journal.in_flight(pids).items()}
 
 
 def trace_lines(events: list[JournalEvent]) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from llmos.agents.agent import AgentSpec, run_agent
 from llmos.agents.catalog import AGENTS
 from llmos.agents.render import EventPrinter
 from llmos.kernel import Kernel, KernelError, State
-from llmos.kernel.trace import trace_lines
+from llmos.kernel.trace import doing_now, trace_lines
 from llmos.memory.store import SHARED, namespace_for_agent
 
 HELP = """\
@@ -156,13 +155,11 @@ class Shell:
         columns = ("PID", "NAME", "STATE", "NOW", "PROMPT", "COMPLETION", "REUSED", "TOOLS", "TIME")
         table = Table(*columns, title="llmos top")
         running = [info for info in self.kernel.ps() if not info.state.finished]
-        now = self.kernel.journal.in_flight([info.pid for info in running])
+        now = doing_now(self.kernel.journal, [info.pid for info in running])
         for info in running:
             u = info.usage
-            call = now.get(info.pid)
-            doing = f"{call[0]} {time.time() - call[1]:.0f}s" if call else "-"
             table.add_row(
-                str(info.pid), info.name, info.state.value, doing, str(u.prompt_tokens),
+                str(info.pid), info.name, info.state.value, now.get(info.pid, "-"), str(u.prompt_tokens),
                 str(u.completion_tokens), str(u.reused_prompt_tokens), str(u.tool_calls),
                 f"{u.wall_time_s:.1f}s",
             )  # fmt: skip

@@ -110,7 +110,7 @@ def _check_room(ctx: ToolContext, target: Path, size: int, append: bool) -> None
         return
     limit = ctx.process.kernel.config.sandbox.limits.workspace_mb * 1024 * 1024
     replaced = 0 if append or not target.is_file() else target.stat().st_blocks * 512
-    used = disk_use(ctx.workspace, stop_above=limit + replaced) or 0
+    used = disk_use(ctx.workspace, stop_above=limit + replaced)
     if used - replaced + size > limit:
         raise ToolError(
             f"Writing {size} bytes would take the workspace past its limit of "

@@ -446,11 +446,15 @@ def adopt_spare(spare: Path, workspace: Path) -> None:
     spare.rename(workspace)
 
 
-def disk_use(path: Path, stop_above: int | None = None, max_entries: int | None = None) -> int | None:
-    """Bytes allocated below `path` plus ENTRY_BYTES per entry; counting stops past `stop_above`.
+def disk_use(path: Path, stop_above: int | None = None) -> int:
+    """Bytes allocated below `path` plus ENTRY_BYTES per entry; counting stops past `stop_above`."""
+    size = _disk_use(path, stop_above, max_entries=None)
+    assert size is not None  # only a limit on entries gives up
+    return size
 
-    None when there are more than `max_entries` entries (the caller measures elsewhere then).
-    """
+
+def _disk_use(path: Path, stop_above: int | None, max_entries: int | None) -> int | None:
+    """`disk_use`, or None once more than `max_entries` entries were seen."""
     total = entries_seen = 0
     pending = [str(path)]
     while pending:
@@ -478,11 +482,8 @@ def disk_use(path: Path, stop_above: int | None = None, max_entries: int | None 
 async def workspace_use(path: Path, stop_above: int | None = None) -> int:
     # A few hundred entries are measured in well under a millisecond, here; more on a thread, so
     # the event loop never waits for a workspace of many files.
-    size = disk_use(path, stop_above, max_entries=256)
-    if size is None:
-        size = await asyncio.to_thread(disk_use, path, stop_above)
-    assert size is not None
-    return size
+    size = _disk_use(path, stop_above, max_entries=256)
+    return size if size is not None else await asyncio.to_thread(disk_use, path, stop_above)
 
 
 async def wait_until_outgrown(path: Path, allowance: int) -> None:
