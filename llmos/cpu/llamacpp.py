@@ -60,15 +60,15 @@ from llmos.cpu.base import (
     Usage,
 )
 from llmos.cpu.toolcalls import (
+    MAX_REPAIRS,
     OutputInvalid,
     constrained_schema,
+    invalid_output_text,
     parse_output,
     prompt_messages,
-    repair_messages,
+    repair_request,
 )
 
-# Attempts after the first when constrained output fails validation.
-MAX_REPAIRS = 2
 # Used when the GGUF carries no chat template; SmolLM2 and Qwen2.5 both speak ChatML.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -101,6 +101,7 @@ Emit = Callable[[str], None]
 class _Engine:
     """One loaded model, the worker thread that drives it, and who its KV cache belongs to."""
 
+    key: tuple[str, int, int | None]  # its place in _ENGINES
     llm: llama_cpp.Llama
     worker: ThreadPoolExecutor
     # Serialises direct use of `llm` (the worker already runs one job at a time).
@@ -129,7 +130,8 @@ def _acquire_engine(path: Path, n_ctx: int, threads: int | None) -> _Engine:
                 raise ModelLoadError(
                     f"llama.cpp could not load {path} ({exc}); check that it is a complete GGUF file."
                 ) from None
-            engine = _Engine(llm=llm, worker=ThreadPoolExecutor(1, thread_name_prefix=f"llmos-{path.stem}"))
+            worker = ThreadPoolExecutor(1, thread_name_prefix=f"llmos-{path.stem}")
+            engine = _Engine(key=key, llm=llm, worker=worker)
             _ENGINES[key] = engine
         engine.refs += 1
         return engine
@@ -140,9 +142,7 @@ def _release_engine(engine: _Engine) -> None:
         engine.refs -= 1
         if engine.refs > 0:
             return
-        for key, value in list(_ENGINES.items()):
-            if value is engine:
-                del _ENGINES[key]
+        del _ENGINES[engine.key]
     engine.worker.shutdown(wait=True)
     engine.llm.close()
 
@@ -399,6 +399,7 @@ class LlamaCppBackend:
             family=metadata.get("general.architecture", "unknown"),
         )
         self._grammars: dict[str, LlamaGrammar] = {}
+        self._head: tuple[str, list[int]] | None = None  # the last system message and its tokens
 
     # -- protocol
 
@@ -407,7 +408,7 @@ class LlamaCppBackend:
         return self._info
 
     def count_tokens(self, text: str) -> int:
-        return len(self._engine.llm.tokenize(text.encode(), add_bos=False, special=True))
+        return len(self._tokenize(text))
 
     async def chat(self, request: ChatRequest, on_text: TextCallback | None = None) -> ChatResult:
         """Run one request on the worker thread; `on_text` is called on the caller's event loop.
@@ -453,6 +454,10 @@ class LlamaCppBackend:
 
     # -- prompt
 
+    def _tokenize(self, text: str) -> list[int]:
+        # Special tokens as tokens: chat templates write them as text.
+        return list(self._engine.llm.tokenize(text.encode(), add_bos=False, special=True))
+
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
@@ -463,17 +468,21 @@ class LlamaCppBackend:
         chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
         rendered = self._formatter(messages=chat)
         # The template writes the special tokens itself (what llama-cpp-python's handler does too).
-        return list(self._engine.llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True))
+        return self._tokenize(rendered.prompt)
 
     def _system_prefix(self, messages: list[Message], prompt: list[int]) -> list[int]:
         """The leading system message's tokens, if `prompt` starts with them and they are worth caching."""
         if self._prefixes.budget_bytes <= 0 or not messages or messages[0].role != "system":
             return []
-        try:
-            rendered = self._head_formatter(messages=[{"role": "system", "content": messages[0].content}])
-        except Exception:  # templates may insist on a user turn; then there is no cacheable head
-            return []
-        head = list(self._engine.llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True))
+        content = messages[0].content
+        if self._head is None or self._head[0] != content:  # a process keeps its system prompt
+            try:
+                rendered = self._head_formatter(messages=[{"role": "system", "content": content}])
+            except Exception:  # templates may insist on a user turn; then there is no cacheable head
+                self._head = (content, [])
+            else:
+                self._head = (content, self._tokenize(rendered.prompt))
+        head = self._head[1]
         if len(head) < PREFIX_MIN_TOKENS or len(head) >= len(prompt) or prompt[: len(head)] != head:
             return []
         return head
@@ -541,12 +550,9 @@ class LlamaCppBackend:
                         failed = self._result(attempt, attempt.text, [], usage, started)
                         if failed.finish_reason != "cancelled":
                             failed.finish_reason = "error"
-                            failed.text = f"{attempt.text}\n[invalid output: {exc}]"
+                            failed.text = invalid_output_text(attempt.text, exc)
                         return failed
-                    fixed = request.model_copy(
-                        update={"messages": repair_messages(request, attempt.text, str(exc))}
-                    )
-                    messages = prompt_messages(fixed)
+                    messages = prompt_messages(repair_request(request, attempt.text, str(exc)))
                     continue
                 if text and emit is not None:
                     emit(text)
@@ -609,6 +615,7 @@ class LlamaCppBackend:
         attempt = _Attempt(usage=Usage(prompt_tokens=len(prompt), reused_prompt_tokens=reused))
         attempt.logprobs = [] if request.logprobs else None
         stops = [s for s in request.stop if s]
+        longest_stop = max((len(s) for s in stops), default=0)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         text, emitted, generated, cut = "", 0, 0, False
@@ -637,7 +644,7 @@ class LlamaCppBackend:
                     attempt.logprobs.append(self._logprob(token))
                 piece = decoder.decode(llm.detokenize([token]))
                 # Only the new text (plus a stop string's length before it) can complete a stop.
-                start = max(0, len(text) - max((len(s) for s in stops), default=0))
+                start = max(0, len(text) - longest_stop)
                 text += piece
                 hit = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
                 if hit >= 0:
@@ -666,8 +673,7 @@ class LlamaCppBackend:
         llm = self._engine.llm
         row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
         logits = np.ctypeslib.as_array(row, shape=(llm.n_vocab(),))
-        text = llm.detokenize([token], special=True).decode("utf-8", errors="replace")
-        return TokenLogprob(token=text, logprob=_log_softmax_at(logits, token))
+        return TokenLogprob(token=self._token_text(token), logprob=_log_softmax_at(logits, token))
 
 
 __all__ = ["ContextOverflowError", "LlamaCppBackend", "ModelLoadError", "UnsupportedSchemaError"]

@@ -110,7 +110,6 @@ class ModelStatus(BaseModel):
     cached: bool
     # What `ensure` returns: the .gguf file, or the directory of an embedding model.
     path: Path | None = None
-    disk_bytes: int = 0
 
 
 def _smollm2() -> CatalogEntry:
@@ -366,13 +365,7 @@ class ModelManager:
     def info(self, name: str) -> ModelStatus:
         entry = self.entry(name)
         cached = self._is_complete(entry)
-        model_dir = self._model_dir(entry)
-        return ModelStatus(
-            entry=entry,
-            cached=cached,
-            path=self._target(entry) if cached else None,
-            disk_bytes=_dir_bytes(model_dir) if model_dir.is_dir() else 0,
-        )
+        return ModelStatus(entry=entry, cached=cached, path=self._target(entry) if cached else None)
 
     def path(self, name: str) -> Path:
         """Where `ensure` puts the model, whether or not it is there yet."""

@@ -40,11 +40,10 @@ from llmos.cpu.base import (
     ToolCall,
     Usage,
 )
+from llmos.cpu.toolcalls import MAX_REPAIRS
 
 T = TypeVar("T")
 
-# Retries of a constrained answer that does not parse, each told what was wrong (as the local backend).
-MAX_REPAIRS = 2
 # Status codes worth another try: the server is busy or had a transient failure.
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 8.0
@@ -127,7 +126,7 @@ class OpenAIBackend:
 
     async def chat(self, request: ChatRequest, on_text: TextCallback | None = None) -> ChatResult:
         started = time.perf_counter()
-        use_tools = bool(request.tools) and request.tool_choice != "none"
+        use_tools = toolcalls.uses_tools(request)
         if use_tools and self.native_tool_calls:
             attempt = await self._send(self._native_body(request), on_text)
             result = self._result(attempt, attempt.text, attempt.tool_calls)
@@ -233,14 +232,11 @@ class OpenAIBackend:
             except toolcalls.OutputInvalid as exc:
                 if repair == MAX_REPAIRS:
                     # A model error, not a user error: the bad output goes back as data.
-                    failed = self._result(attempt, f"{attempt.text}\n[invalid output: {exc}]", [])
+                    failed = self._result(attempt, toolcalls.invalid_output_text(attempt.text, exc), [])
                     failed.finish_reason = "error"
                     failed.usage = usage
                     return failed
-                fixed = request.model_copy(
-                    update={"messages": toolcalls.repair_messages(request, attempt.text, str(exc))}
-                )
-                messages = self._messages(fixed)
+                messages = self._messages(toolcalls.repair_request(request, attempt.text, str(exc)))
                 continue
             if text and on_text is not None:
                 on_text(text)
@@ -345,9 +341,10 @@ class OpenAIBackend:
                             slot["name"] = slot["name"] or call.function.name or ""
                             slot["arguments"] += call.function.arguments or ""
                     if choice.logprobs is not None and choice.logprobs.content is not None:
-                        attempt.logprobs = (attempt.logprobs or []) + [
+                        attempt.logprobs = attempt.logprobs or []
+                        attempt.logprobs.extend(
                             TokenLogprob(token=t.token, logprob=t.logprob) for t in choice.logprobs.content
-                        ]
+                        )
                     if choice.finish_reason is not None:
                         attempt.finish_reason = choice.finish_reason
         attempt.tool_calls = [

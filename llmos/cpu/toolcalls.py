@@ -8,7 +8,7 @@ grammar locally, by `response_format` on a server) to match a JSON schema:
 - with `response_schema` the output is a JSON document following that schema.
 
 `parse_output` validates what came back; a violation raises `OutputInvalid`, whose message is
-shown to the model by `repair_messages` so it can try again (a bounded loop in the backend).
+shown to the model by `repair_request` so it can try again (a bounded loop in the backend).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import jsonschema  # type: ignore[import-untyped]  # no stubs installed
 from llmos.cpu.base import ChatRequest, LLMError, Message, ToolCall, ToolSpec
 
 ANSWER_KEY = "answer"
+# Retries of a constrained answer that does not parse, each shown what was wrong (both backends).
+MAX_REPAIRS = 2
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -57,7 +59,7 @@ def _one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
-def _uses_tools(request: ChatRequest) -> bool:
+def uses_tools(request: ChatRequest) -> bool:
     return bool(request.tools) and request.tool_choice != "none"
 
 
@@ -77,7 +79,7 @@ def _chosen_tool(request: ChatRequest) -> ToolSpec | None:
 
 def constrained_schema(request: ChatRequest) -> dict[str, Any] | None:
     """The JSON schema the model's output must follow, or None for free text."""
-    if not _uses_tools(request):
+    if not uses_tools(request):
         return request.response_schema
     chosen = _chosen_tool(request)
     if chosen is not None:
@@ -133,7 +135,7 @@ def parse_output(text: str, request: ChatRequest) -> tuple[str, list[ToolCall]]:
     if schema is None:
         return text, []
     value = _load_json(text)
-    if not _uses_tools(request):
+    if not uses_tools(request):
         _validate(value, schema)
         return text.strip(), []
     if isinstance(value, dict) and "name" in value:
@@ -187,7 +189,7 @@ def prompt_messages(request: ChatRequest) -> list[Message]:
         else:
             messages.append(Message(role=message.role, content=message.content))
     prompt = ""
-    if _uses_tools(request):
+    if uses_tools(request):
         prompt = tools_system_prompt(request.tools)
     elif request.response_schema is not None:
         prompt = schema_system_prompt(request.response_schema)
@@ -199,13 +201,13 @@ def prompt_messages(request: ChatRequest) -> list[Message]:
     return messages
 
 
-def repair_messages(request: ChatRequest, bad_output: str, error: str) -> list[Message]:
-    """The conversation for one repair attempt: the bad output and what is wrong with it."""
-    if _uses_tools(request):
+def repair_request(request: ChatRequest, bad_output: str, error: str) -> ChatRequest:
+    """The request for one repair attempt: the conversation, the bad output and what is wrong with it."""
+    if uses_tools(request):
         expected = "a JSON object in the required tool-call format"
     else:
         expected = "a JSON document that follows the required schema"
-    return [
+    messages = [
         *request.messages,
         Message(role="assistant", content=bad_output),
         Message(
@@ -213,16 +215,25 @@ def repair_messages(request: ChatRequest, bad_output: str, error: str) -> list[M
             content=f"Your reply was invalid: {error}. Reply again with only {expected}.",
         ),
     ]
+    return request.model_copy(update={"messages": messages})
+
+
+def invalid_output_text(bad_output: str, error: OutputInvalid) -> str:
+    """What a reply that stayed invalid after every repair says: the output, then why it failed."""
+    return f"{bad_output}\n[invalid output: {error}]"
 
 
 __all__ = [
+    "MAX_REPAIRS",
     "OutputInvalid",
     "ToolChoiceError",
     "assistant_text",
     "constrained_schema",
+    "invalid_output_text",
     "parse_output",
     "prompt_messages",
-    "repair_messages",
+    "repair_request",
     "schema_system_prompt",
     "tools_system_prompt",
+    "uses_tools",
 ]

@@ -17,7 +17,7 @@ from llmos.cpu.toolcalls import (
     constrained_schema,
     parse_output,
     prompt_messages,
-    repair_messages,
+    repair_request,
     tools_system_prompt,
 )
 
@@ -154,7 +154,7 @@ def test_tools_system_prompt_describes_every_tool() -> None:
 
 def test_repair_messages_show_the_error_to_the_model() -> None:
     req = request(tools=[ADD], tool_choice="add")
-    messages = repair_messages(req, '{"name": "add"}', "'arguments' is a required property")
+    messages = repair_request(req, '{"name": "add"}', "'arguments' is a required property").messages
     assert messages[: len(req.messages)] == req.messages
     assert messages[-2] == Message(role="assistant", content='{"name": "add"}')
     assert messages[-1].role == "user"
