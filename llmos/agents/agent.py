@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from llmos.cpu.base import ChatResult, Message, ToolCall, ToolSpec
 from llmos.kernel.process import Process
 from llmos.kernel.syscalls import ErrorCode, Reply
-from llmos.memory.context import ContextBudget, ContextWindow
-from llmos.memory.store import namespace_for_agent
+
+if TYPE_CHECKING:
+    from llmos.memory.context import ContextWindow
 
 FINAL_ANSWER = ToolSpec(
     name="final_answer",
@@ -55,7 +56,6 @@ NEXT_AFTER_ERROR = "(That failed: read the error, then fix the call or try anoth
 # Measured on qwen2.5-coder-0.5b: restating the task and naming the one reply wanted gets a final
 # answer; offering "or write more code" makes it re-run the same block forever.
 RESAMPLE_TEMPERATURE = 1.0
-SUMMARISE = "Summarise this part of a conversation in a few sentences; keep every fact."
 CODE_OBSERVATION = (
     "The code printed:\n{output}\n\nTask: {task}\nReply 'Final answer: <answer>' if this is the answer."
 )
@@ -157,6 +157,10 @@ async def open_window(proc: Process, agent: AgentSpec, instructions: str) -> Con
     """A context window for this run. Summaries are LLM syscalls (charged, journaled, replayed);
     the window is new for each boot and recalls nothing by itself, so a resumed run lays out
     exactly the prompts it laid out before."""
+    # Imported here: memory loads chromadb, which agents without `memory=True` never need.
+    from llmos.memory.context import ContextBudget, ContextWindow
+    from llmos.memory.store import namespace_for_agent
+
     backend = await proc.kernel.llm(agent.model)
     n_ctx = backend.info.context_length
 

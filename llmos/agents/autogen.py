@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 
 MEMBER_PROGRAM = f"{__name__}:team_member"
 TEAM_PROGRAM = f"{__name__}:team_program"
-# How long a team waits, after one of its members died, for a kill of the whole team to reach
-# it too (the kernel kills children before their parent); after that it fails on its own.
 # How long a stopped team waits for AutoGen's runtime to wind down once its model calls fail.
 STOP_TIMEOUT_S = 5.0
 # Settings a caller may pass in `extra_create_args`, all of them llm.chat arguments.
@@ -90,10 +88,10 @@ class MemberDied(RuntimeError):
 # --- messages and results between AutoGen and llmos ---------------------------------------------
 
 
-def _text_of(content: str | list[str | Image], vision: bool) -> str:
+def _text_of(content: str | list[str | Image]) -> str:
     if isinstance(content, str):
         return content
-    if any(isinstance(part, Image) for part in content) and not vision:
+    if any(isinstance(part, Image) for part in content):  # llmos messages carry text only
         raise ValueError("This model takes no images; send text only or use a model with vision.")
     return "\n".join(part for part in content if isinstance(part, str))
 
@@ -109,14 +107,14 @@ def _tool_call_of(call: FunctionCall) -> ToolCall:
     return ToolCall(id=call.id, name=call.name, arguments=arguments)
 
 
-def to_llmos_messages(messages: Sequence[LLMMessage], *, vision: bool = False) -> list[Message]:
+def to_llmos_messages(messages: Sequence[LLMMessage]) -> list[Message]:
     """AutoGen's message types as llmos `Message`s (one tool message per function result)."""
     out: list[Message] = []
     for message in messages:
         if isinstance(message, SystemMessage):
             out.append(Message(role="system", content=message.content))
         elif isinstance(message, UserMessage):
-            out.append(Message(role="user", content=_text_of(message.content, vision), name=message.source))
+            out.append(Message(role="user", content=_text_of(message.content), name=message.source))
         elif isinstance(message, AssistantMessage):
             if isinstance(message.content, str):
                 out.append(Message(role="assistant", content=message.content, name=message.source))
@@ -319,9 +317,7 @@ class KernelChatClient(ChatCompletionClient):
                 f"extra_create_args {sorted(unknown)} are not supported; use {sorted(CREATE_ARGS)}."
             )
         args: dict[str, Any] = {
-            "messages": [
-                m.model_dump(exclude_defaults=True) for m in to_llmos_messages(messages, vision=False)
-            ],
+            "messages": [m.model_dump(exclude_defaults=True) for m in to_llmos_messages(messages)],
             "model": self._model,
             "temperature": self._temperature,
         }
@@ -399,7 +395,7 @@ class KernelChatClient(ChatCompletionClient):
         self, messages: Sequence[LLMMessage], *, tools: Sequence[AutoGenTool | ToolSchema] = []
     ) -> int:
         total = 0
-        for message in to_llmos_messages(messages, vision=False):
+        for message in to_llmos_messages(messages):
             total += self._count(message.content) + 4  # role and separators
             total += sum(self._count(json.dumps(call.arguments)) + 4 for call in message.tool_calls)
         total += sum(self._count(json.dumps(_tool_spec(tool).model_dump())) for tool in tools)

@@ -240,7 +240,7 @@ class ContextWindow:
 
     def _cut(self, message: Message, seq: int) -> Message:
         full_id = f"full:{self.window_id}:{seq}"
-        trust: Trust = "user" if message.role == "user" else "tool" if message.role == "tool" else "model"
+        trust = _trust_of(message.role)
         text = message.content
         self.store.add(
             text, namespace=self.namespace, source=f"{message.role}:{message.name or ''}", trust=trust,
@@ -388,7 +388,7 @@ class ContextWindow:
 
     def _turn_record(self, turn: _Turn) -> NewRecord:
         m = turn.message
-        trust: Trust = "user" if m.role == "user" else "tool" if m.role == "tool" else "model"
+        trust = _trust_of(m.role)
         return NewRecord(
             id=f"turn:{self.window_id}:{turn.seq}",
             text=message_text(m),
@@ -544,3 +544,8 @@ __all__ = [
     "message_text",
     "truncate_to_tokens",
 ]
+
+
+def _trust_of(role: str) -> Trust:
+    """Who a message's words come from, for the provenance of what is archived."""
+    return "user" if role == "user" else "tool" if role == "tool" else "model"

@@ -137,8 +137,10 @@ class Shell:
 
     async def ps(self, args: list[str]) -> None:
         table = Table("PID", "PPID", "NAME", "STATE", "TOKENS", "TOOLS", "TIME", box=None)
-        for info in self.kernel.ps():
-            if info.state.finished and "-a" not in args and info.pid != self._last_pid():
+        processes = self.kernel.ps()
+        last = processes[-1].pid if processes else None
+        for info in processes:
+            if info.state.finished and "-a" not in args and info.pid != last:
                 continue
             usage = info.usage
             table.add_row(
@@ -146,10 +148,6 @@ class Shell:
                 str(usage.tokens), str(usage.tool_calls), f"{usage.wall_time_s:.1f}s",
             )  # fmt: skip
         self.console.print(table)
-
-    def _last_pid(self) -> int | None:
-        processes = self.kernel.ps()
-        return processes[-1].pid if processes else None
 
     def _top_table(self) -> Table:
         columns = ("PID", "NAME", "STATE", "NOW", "PROMPT", "COMPLETION", "REUSED", "TOOLS", "TIME")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from llmos.memory.store import SHARED, namespace_for_agent
 from llmos.tools.registry import Risk, Tool, ToolContext, ToolError, ToolResult, tool
 
 
 def _agent_namespace(ctx: ToolContext) -> str:
     if ctx.process is None:
         raise ToolError("memory tools run only inside a kernel process")
+    # Imported here: memory loads chromadb, which `import llmos` should not wait for.
+    from llmos.memory.store import namespace_for_agent
+
     return namespace_for_agent(ctx.process.info.name)
 
 
@@ -39,6 +41,8 @@ async def recall(query: str, ctx: ToolContext, k: int = 3) -> ToolResult:
         query: what to look for, in words.
         k: how many records to return.
     """
+    from llmos.memory.store import SHARED
+
     namespaces = [_agent_namespace(ctx), SHARED]
     store = await ctx.process.kernel.memory()
     hits = await asyncio.to_thread(store.search, query, namespaces=namespaces, k=max(1, min(k, 10)))
