@@ -116,7 +116,7 @@ def prune(
     journal = _open_journal(config)
     cutoff = time.time() - days * 86400
     gone, freed = 0, 0
-    for info in journal.processes([State.DONE, State.FAILED, State.KILLED]):
+    for info in journal.processes([State.DONE, State.FAILED, State.KILLED], with_usage=False):
         workspace = config.workspace(info.pid)
         old_enough = info.ended_at is not None and info.ended_at <= cutoff
         if not old_enough or workspace.is_symlink() or not workspace.is_dir():
@@ -133,7 +133,7 @@ def prune(
 def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos ps --all`.")]) -> None:
     """A process's syscall trace, like strace."""
     journal = _open_journal(load_config())
-    if journal.process(pid) is None:
+    if journal.process(pid, with_usage=False) is None:
         err.print(f"No process {pid}; `llmos ps --all` lists them.")
         raise typer.Exit(1)
     for line in trace_lines(journal.events(pid)):

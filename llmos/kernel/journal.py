@@ -135,23 +135,27 @@ class Journal:
 
     # --- reads --------------------------------------------------------------------------------
 
-    def process(self, pid: int) -> ProcessInfo | None:
-        rows = self._process_rows("WHERE pid = ?", (pid,))
+    def process(self, pid: int, *, with_usage: bool = True) -> ProcessInfo | None:
+        rows = self._process_rows("WHERE pid = ?", (pid,), with_usage=with_usage)
         return rows[0] if rows else None
 
-    def processes(self, states: list[State] | None = None) -> list[ProcessInfo]:
+    def processes(self, states: list[State] | None = None, *, with_usage: bool = True) -> list[ProcessInfo]:
         if not states:
-            return self._process_rows("", ())
+            return self._process_rows("", (), with_usage=with_usage)
         marks = ", ".join("?" for _ in states)
-        return self._process_rows(f"WHERE state IN ({marks})", tuple(s.value for s in states))
+        return self._process_rows(
+            f"WHERE state IN ({marks})", tuple(s.value for s in states), with_usage=with_usage
+        )
 
-    def _process_rows(self, where: str, params: tuple[Any, ...]) -> list[ProcessInfo]:
+    def _process_rows(self, where: str, params: tuple[Any, ...], *, with_usage: bool) -> list[ProcessInfo]:
+        """Rows of the process table. Summing usage reads every result event of each process, so
+        callers that only need state, parent or wall time pass `with_usage=False`."""
         query = (
             "SELECT pid, ppid, name, program, args, state, capabilities, budget, priority, created_at,"
             f" ended_at, wall_time_s, result, error FROM processes {where} ORDER BY pid"
         )
         rows = self.db.execute(query, params).fetchall()
-        usage = self.usage_by_pid([row[0] for row in rows])
+        usage = self.usage_by_pid([row[0] for row in rows]) if with_usage else {}
         infos = []
         for row in rows:
             pid = row[0]
@@ -177,8 +181,8 @@ class Journal:
             )
         return infos
 
-    def children(self, pid: int) -> list[ProcessInfo]:
-        return self._process_rows("WHERE ppid = ?", (pid,))
+    def children(self, pid: int, *, with_usage: bool = True) -> list[ProcessInfo]:
+        return self._process_rows("WHERE ppid = ?", (pid,), with_usage=with_usage)
 
     def boot_of(self, pid: int) -> tuple[str, float | None]:
         boot_id, run_started_at = self.db.execute(

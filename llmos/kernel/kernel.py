@@ -167,7 +167,7 @@ class Kernel:
     def _find_interrupted(self) -> None:
         """Processes whose kernel died while they ran become `interrupted`, ready to resume."""
         dead_boots: set[str] = set()
-        for info in self.journal.processes(UNFINISHED):
+        for info in self.journal.processes(UNFINISHED, with_usage=False):
             boot_id, run_started_at = self.journal.boot_of(info.pid)
             if boot_id == self.boot_id or boot_alive(self.run_dir, boot_id):
                 continue
@@ -336,7 +336,7 @@ class Kernel:
                 proc.stop_reason = (state, reason)
             proc.task.cancel()
             # A process stopped by its budget takes its children with it.
-            for child in self.journal.children(proc.pid):
+            for child in self.journal.children(proc.pid, with_usage=False):
                 if child.pid in self._live:
                     self._stop(self._live[child.pid], State.KILLED, f"parent {proc.pid} stopped: {reason}")
 
@@ -364,7 +364,7 @@ class Kernel:
         proc = self._live.get(pid)
         if proc is not None and proc.stop_reason is None:
             proc.stop_reason = (State.KILLED, "killed")  # so it sees its children die as part of its own kill
-        for child in self.journal.children(pid):
+        for child in self.journal.children(pid, with_usage=False):
             if not child.state.finished:
                 await self.kill(child.pid)
         if proc is not None:
@@ -392,7 +392,7 @@ class Kernel:
                 "function); define programs at module level."
             )
         fn = import_program(info.program)
-        for child in self.journal.children(pid):  # the parent's replayed spawns refer to them
+        for child in self.journal.children(pid, with_usage=False):  # its replayed spawns refer to them
             if child.state == State.INTERRUPTED:
                 await self.resume(child.pid)
         self.mailboxes.rebuild(pid)
@@ -422,11 +422,11 @@ class Kernel:
         return self.journal.events(pid)
 
     def is_descendant(self, pid: int, of: int) -> bool:
-        info = self.journal.process(pid)
+        info = self.journal.process(pid, with_usage=False)
         while info is not None and info.ppid is not None:
             if info.ppid == of:
                 return True
-            info = self.journal.process(info.ppid)
+            info = self.journal.process(info.ppid, with_usage=False)
         return False
 
     # --- syscalls ---------------------------------------------------------------------------------
@@ -515,9 +515,8 @@ class Kernel:
         that process spawned, like a cgroup: a child cannot spend what its parent may not."""
         proc.info.usage.wall_time_s = proc.tree_usage.wall_time_s = proc.wall_time()
         for holder in (proc, *self._ancestors(proc)):
-            wall = {"wall_time_s"} if holder is proc else set()  # each watchdog stops its own
-            budget = Budget.model_validate(holder.info.budget.model_dump(include={*syscall.budgets, *wall}))
-            reason = exhausted(budget, holder.tree_usage)
+            wall = ("wall_time_s",) if holder is proc else ()  # each watchdog stops its own
+            reason = exhausted(holder.info.budget, holder.tree_usage, (*syscall.budgets, *wall))
             if reason is not None:
                 return reason + budget_owner(proc, holder)
         return None
@@ -546,7 +545,7 @@ class Kernel:
         found: list[int] = []
         pending = [pid]
         while pending:
-            for child in self.journal.children(pending.pop()):
+            for child in self.journal.children(pending.pop(), with_usage=False):
                 found.append(child.pid)
                 pending.append(child.pid)
         return found

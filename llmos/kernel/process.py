@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -83,16 +83,18 @@ class Charge(BaseModel):
     backend: str | None = None
 
 
-def exhausted(budget: Budget, usage: Usage) -> str | None:
-    """The first budget that is used up, as a phrase for an error message, or None."""
-    if budget.tokens is not None and usage.tokens >= budget.tokens:
+def exhausted(budget: Budget, usage: Usage, fields: Collection[str]) -> str | None:
+    """The first of the budget's `fields` that is used up, as a phrase for an error message, or None."""
+    if "tokens" in fields and budget.tokens is not None and usage.tokens >= budget.tokens:
         return f"token budget of {budget.tokens} used up ({usage.tokens} used)"
-    if budget.tool_calls is not None and usage.tool_calls >= budget.tool_calls:
+    if "tool_calls" in fields and budget.tool_calls is not None and usage.tool_calls >= budget.tool_calls:
         return f"tool-call budget of {budget.tool_calls} used up"
-    if budget.sandbox_cpu_s is not None and usage.sandbox_cpu_s >= budget.sandbox_cpu_s:
-        return f"sandbox CPU budget of {budget.sandbox_cpu_s:g}s used up"
-    if budget.wall_time_s is not None and usage.wall_time_s >= budget.wall_time_s:
-        return f"wall-time budget of {budget.wall_time_s:g}s used up"
+    cpu = budget.sandbox_cpu_s
+    if "sandbox_cpu_s" in fields and cpu is not None and usage.sandbox_cpu_s >= cpu:
+        return f"sandbox CPU budget of {cpu:g}s used up"
+    wall = budget.wall_time_s
+    if "wall_time_s" in fields and wall is not None and usage.wall_time_s >= wall:
+        return f"wall-time budget of {wall:g}s used up"
     return None
 
 
@@ -159,10 +161,6 @@ class Process:
 
     def replayed(self, seq: int) -> dict[str, Any] | None:
         return self._replay.pop(seq, None)
-
-    @property
-    def replaying(self) -> bool:
-        return bool(self._replay)
 
     def wall_time(self) -> float:
         return self.wall_time_before + (time.monotonic() - self.started)

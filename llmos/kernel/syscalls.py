@@ -249,7 +249,7 @@ async def sys_mem_search(kernel: Kernel, proc: Process, args: MemSearchArgs) -> 
 
 
 async def sys_send(kernel: Kernel, proc: Process, args: SendArgs) -> Outcome:
-    target = kernel.journal.process(args.to)
+    target = kernel.journal.process(args.to, with_usage=False)
     if target is None or target.state.finished:
         raise HandlerError(ErrorCode.NOT_FOUND, f"process {args.to} does not exist or has ended")
     return Outcome(kernel.mailboxes.send(proc.pid, args.to, args.body))
