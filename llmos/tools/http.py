@@ -28,7 +28,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, model_validator
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolResult, simplify_schema
+from llmos.tools.registry import Risk, Tool, ToolContext, ToolResult, safe_tool_name, simplify_schema
 
 READ_METHODS = ("get", "head", "options")
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -94,11 +94,11 @@ def openapi_tools(
             if wanted is not None and op_id not in wanted:
                 continue
             shared = [_resolve(document, p) for p in item.get("parameters", [])]
-            endpoint = _Endpoint.build(document, method, path, operation, shared, placements)
+            endpoint = _Endpoint.build(document, op_id, method, path, operation, shared, placements)
             tools.append(
                 HttpOperation(
                     endpoint,
-                    name=name_prefix + _tool_name(op_id),
+                    name=name_prefix + safe_tool_name(op_id, fallback="operation"),
                     base_url=base,
                     allowed_hosts=allowed,
                     secrets=placements,
@@ -126,6 +126,7 @@ class _Endpoint(BaseModel):
     def build(
         cls,
         document: Mapping[str, Any],
+        operation_id: str,
         method: str,
         path: str,
         operation: Mapping[str, Any],
@@ -165,7 +166,7 @@ class _Endpoint(BaseModel):
         text = [operation.get("summary", ""), operation.get("description", "")]
         description = "\n\n".join(t.strip() for t in text if t and t.strip()) or f"{method.upper()} {path}"
         return cls(
-            operation_id=str(operation.get("operationId") or f"{method}_{path}"),
+            operation_id=str(operation_id),
             method=method.upper(),
             path=path,
             description=description,
@@ -411,10 +412,6 @@ def _openapi_to_json_schema(node: Any) -> Any:
     for key in ("example", "xml", "externalDocs", "discriminator", "readOnly", "writeOnly"):
         out.pop(key, None)
     return out
-
-
-def _tool_name(operation_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]+", "_", operation_id).strip("_")[:64] or "operation"
 
 
 def _scalar(value: Any) -> str:

@@ -14,11 +14,19 @@ the tool's text (`handle_tool_error=True`), the same sentence an llmos model wou
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 from typing import Any
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolError, ToolResult, jsonable, simplify_schema
+from llmos.tools.registry import (
+    Risk,
+    Tool,
+    ToolContext,
+    ToolError,
+    ToolResult,
+    jsonable,
+    safe_tool_name,
+    simplify_schema,
+)
 
 try:
     from langchain_core.tools import BaseTool, StructuredTool, ToolException
@@ -46,7 +54,7 @@ def from_langchain(
             raise ToolError(str(exc)) from exc
 
     return Tool(
-        name or re.sub(r"[^A-Za-z0-9_\-]+", "_", lc_tool.name).strip("_")[:64] or "langchain_tool",
+        name or safe_tool_name(lc_tool.name, fallback="langchain_tool"),
         lc_tool.description or function.get("description", ""),
         handler,
         json_schema=schema,

@@ -320,7 +320,6 @@ class ToolRegistry:
 
 def parse_arguments(arguments: dict[str, Any] | str, schema: Mapping[str, Any]) -> dict[str, Any] | str:
     """The arguments as a dict, or a sentence saying why they are not a JSON object."""
-    hint = _argument_hint(schema)
     if isinstance(arguments, str):
         text = arguments.strip()
         if not text:
@@ -328,10 +327,16 @@ def parse_arguments(arguments: dict[str, Any] | str, schema: Mapping[str, Any]) 
         try:
             arguments = json.loads(text)
         except json.JSONDecodeError as exc:
-            return f"The arguments are not valid JSON ({exc.msg} at position {exc.pos}).{hint}"
+            where = f"{exc.msg} at position {exc.pos}"
+            return f"The arguments are not valid JSON ({where}).{_argument_hint(schema)}"
     if not isinstance(arguments, dict):
-        return f"The arguments must be a JSON object, not {_json_type(arguments)}.{hint}"
+        return f"The arguments must be a JSON object, not {_json_type(arguments)}.{_argument_hint(schema)}"
     return arguments
+
+
+def safe_tool_name(text: str, fallback: str) -> str:
+    """`text` as a tool name OpenAI-style APIs accept ([A-Za-z0-9_-], at most 64), else `fallback`."""
+    return re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")[:64] or fallback
 
 
 def explain_validation_error(exc: ValidationError, schema: Mapping[str, Any]) -> str:

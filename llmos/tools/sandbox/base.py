@@ -224,12 +224,7 @@ class WorkerSession:
             await self._stop()
 
     def _fits(self, limits: Limits) -> bool:
-        if self._limits is None:
-            return False
-        a, b = self._limits, limits
-        return (a.memory_mb, a.pids, a.file_size_mb) == (b.memory_mb, b.pids, b.file_size_mb) and (
-            b.cpu_s <= a.cpu_s
-        )
+        return self._limits is not None and limits_fit(self._limits, limits)
 
     async def _ensure(self, limits: Limits) -> None:
         if self._proc is not None and self._proc.returncode is None:
@@ -335,9 +330,7 @@ class WorkerSession:
                 error=None if reply.get("error") is None else str(reply["error"]),
                 cpu_s=float(reply.get("cpu_s", 0.0)),
                 wall_s=wall,
-                memory_peak_mb=None
-                if reply.get("memory_peak_mb") is None
-                else float(reply["memory_peak_mb"]),
+                memory_peak_mb=_optional_float(reply.get("memory_peak_mb")),
                 truncated=bool(reply.get("truncated", False)),
                 backend=self.backend,
                 sandboxed=self.sandboxed,
@@ -426,6 +419,13 @@ def _describe_exit(status: int) -> str:
         described = f"{name}, {hints[name]}" if name in hints else name
         return described if status < 0 else f"exit status {status}: {described}"
     return f"exit status {status}"
+
+
+def limits_fit(running: Limits, wanted: Limits) -> bool:
+    """Whether a worker started with `running` limits may serve a call that asks for `wanted`:
+    the limits fixed at start must match, and its CPU limit must not be smaller."""
+    fixed = (running.memory_mb, running.pids, running.file_size_mb)
+    return fixed == (wanted.memory_mb, wanted.pids, wanted.file_size_mb) and wanted.cpu_s <= running.cpu_s
 
 
 def limits_for(config: Config, limits: Limits | None) -> Limits:

@@ -38,6 +38,7 @@ from llmos.tools.sandbox.base import (
     WorkerSandbox,
     WorkerSession,
     adopt_spare,
+    limits_fit,
     worker_args,
     worker_source,
 )
@@ -77,11 +78,6 @@ def docker_available(config: Config) -> str | None:
             f"the sandbox image {config.sandbox.image} is missing (build it with `llmos sandbox build-image`)"
         )
     return None
-
-
-def container_limits(limits: Limits) -> tuple[int, int, int]:
-    """The limits fixed when a container starts: a container fits a request only if these match."""
-    return (limits.memory_mb, limits.pids, limits.file_size_mb)
 
 
 def hardened_run_args(
@@ -176,9 +172,6 @@ class DockerSandbox(WorkerSandbox):
         self._removals: set[asyncio.Task[None]] = set()  # unusable warm containers being removed
         self._closed = False
 
-    async def __aenter__(self) -> DockerSandbox:
-        return self
-
     # -- sessions ------------------------------------------------------------------------------
 
     def _new_session(self, session: str) -> WorkerSession:
@@ -267,12 +260,7 @@ class DockerSandbox(WorkerSandbox):
         for dead in [container for container in self._warm if not container.alive]:
             self._warm.remove(dead)
             self._discard(dead)
-        fitting = [
-            container
-            for container in self._warm
-            if container_limits(container.limits) == container_limits(limits)
-            and limits.cpu_s <= container.limits.cpu_s
-        ]
+        fitting = [container for container in self._warm if limits_fit(container.limits, limits)]
         if fitting:
             container = fitting[0]
             self._warm.remove(container)
@@ -427,19 +415,3 @@ class DockerSandbox(WorkerSandbox):
             with contextlib.suppress(OSError):
                 (cgroup / name).write_text("0")
                 return
-
-
-def remove_stray_containers(config: Config) -> int:
-    """Remove every llmos sandbox container on the configured engine (any owner); return how many."""
-    docker = docker_command(docker_host_of(config))
-    listed = subprocess.run(
-        [*docker, "ps", "-aq", "--filter", "label=llmos=1"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    ids = listed.stdout.split()
-    if ids:
-        subprocess.run([*docker, "rm", "-f", *ids], capture_output=True, timeout=120, check=False)
-    return len(ids)

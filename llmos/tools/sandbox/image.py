@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.config import Config
+from llmos.tools.sandbox.base import WORKER_PATH
 from llmos.tools.sandbox.dockerd import DockerdError, docker_command, engine_answers
 
 PULL_IMAGE = "python:3.11-slim"
@@ -62,12 +63,11 @@ class ImageBuildError(Exception):
 
 
 def worker_source() -> bytes:
-    """The in-sandbox worker script shipped in this package."""
-    path = Path(__file__).with_name("worker.py")
+    """The in-sandbox worker script shipped in this package (the one every backend runs)."""
     try:
-        return path.read_bytes()
+        return WORKER_PATH.read_bytes()
     except OSError:
-        raise ImageBuildError(f"The sandbox worker {path} is missing; reinstall llmos.") from None
+        raise ImageBuildError(f"The sandbox worker {WORKER_PATH} is missing; reinstall llmos.") from None
 
 
 def worker_digest() -> str:

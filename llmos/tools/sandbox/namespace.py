@@ -238,10 +238,6 @@ class Cgroup:
             return int((self.memory / "memory.max_usage_in_bytes").read_text()) / (1024 * 1024)
         return None
 
-    def reset_peak(self) -> None:
-        with contextlib.suppress(OSError):
-            (self.memory / "memory.max_usage_in_bytes").write_text("0")
-
     def pids_in(self) -> list[int]:
         found: set[int] = set()
         for directory in (self.memory, self.pids):
