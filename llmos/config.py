@@ -50,11 +50,19 @@ class JournalConfig(Section):
     synchronous: Literal["normal", "full"] = "normal"
 
 
-class BudgetConfig(Section):
+class Budget(BaseModel):
+    """Limits on what a process may consume; None means unlimited."""
+
     tokens: int | None = Field(None, ge=0)
     wall_time_s: float | None = Field(None, gt=0)
     tool_calls: int | None = Field(None, ge=0)
     sandbox_cpu_s: float | None = Field(None, gt=0)
+
+
+class BudgetConfig(Budget):
+    """Every process's budget unless its spawn gives one."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class SandboxLimits(Section):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from llmos.config import Budget as Budget  # re-exported: part of the process model
+
 if TYPE_CHECKING:
     from llmos.kernel.kernel import Kernel
     from llmos.kernel.syscalls import Reply
@@ -29,15 +31,6 @@ class State(StrEnum):
     @property
     def finished(self) -> bool:
         return self in (State.DONE, State.FAILED, State.KILLED)
-
-
-class Budget(BaseModel):
-    """Limits on what a process may consume; None means unlimited."""
-
-    tokens: int | None = Field(None, ge=0)
-    wall_time_s: float | None = Field(None, gt=0)
-    tool_calls: int | None = Field(None, ge=0)
-    sandbox_cpu_s: float | None = Field(None, gt=0)
 
 
 class Usage(BaseModel):

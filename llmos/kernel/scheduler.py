@@ -55,13 +55,12 @@ class DeviceQueue:
 class Scheduler:
     """One queue per device; created on first use."""
 
-    def __init__(self, capacities: dict[str, int] | None = None) -> None:
-        self._capacities = capacities or {}
+    def __init__(self) -> None:
         self.queues: dict[str, DeviceQueue] = {}
 
     def queue(self, device: str) -> DeviceQueue:
         if device not in self.queues:
-            self.queues[device] = DeviceQueue(device, self._capacities.get(device, 1))
+            self.queues[device] = DeviceQueue(device)
         return self.queues[device]
 
     def slot(self, device: str, priority: int = 0) -> AbstractAsyncContextManager[None]:
