@@ -612,7 +612,8 @@ class Kernel:
             proc.tainted = False  # a person has looked at what the process is doing
         secrets = {k: v for k, v in self.secrets.items() if k in tool.secret_names}  # only its own
         context = ToolContext(pid=proc.pid, workspace=self.workspace(proc.pid), secrets=secrets, process=proc)
-        return await tool.invoke(arguments, context)
+        result = await tool.invoke(arguments, context)
+        return result.without_secrets(secrets.values())  # before the journal and the model see it
 
     def approve(self, key: str, approve: bool = True) -> Approval:
         """Answer a pending approval (`llmos approvals` lists them); the blocked process goes on."""

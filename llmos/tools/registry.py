@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, overload
+from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import to_jsonable_python
@@ -51,6 +52,17 @@ class ToolResult(BaseModel):
     def failure(cls, error: str, **extra: Any) -> ToolResult:
         return cls(ok=False, error=error, **extra)
 
+    def without_secrets(self, secrets: Iterable[str]) -> ToolResult:
+        """This result with each secret, as is or URL-encoded, replaced by [redacted]: an exception
+        or a server's answer that quotes a key must not carry it to the model or the journal."""
+        forms = {form for secret in secrets if len(secret) >= 4 for form in _encodings(secret)}
+        if not forms:
+            return self
+        hidden = sorted(forms, key=len, reverse=True)  # longest first: a secret holding another goes whole
+        return self.model_copy(
+            update={"content": _redact(self.content, hidden), "error": _redact(self.error, hidden)}
+        )
+
     def render(self) -> str:
         """The text the model sees as the tool message."""
         if not self.ok:
@@ -60,13 +72,32 @@ class ToolResult(BaseModel):
         return json.dumps(self.content, ensure_ascii=False)
 
 
+REDACTED = "[redacted]"
+
+
+def _encodings(secret: str) -> set[str]:
+    return {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+
+
+def _redact(value: Any, hidden: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in hidden:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, list):
+        return [_redact(item, hidden) for item in value]
+    if isinstance(value, dict):
+        return {_redact(str(key), hidden): _redact(item, hidden) for key, item in value.items()}
+    return value
+
+
 @dataclass
 class ToolContext:
     """What the kernel hands a tool for one call."""
 
     pid: int
     workspace: Path
-    secrets: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     process: Any = None  # the llmos Process, for tools that need a device (process.kernel)
 
 
