@@ -10,6 +10,8 @@ from importlib.metadata import version
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -174,14 +176,15 @@ def approve(
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the configuration in effect (defaults < config file < LLMOS_* variables) as TOML-like text."""
+    """Print the configuration in effect (defaults < OPENAI_* < config file < LLMOS_* variables) as
+    TOML-like text; secrets show as set or unset, never their value."""
     config = load_config()
     out.print(f"# file: {config_file_path()}", markup=False, highlight=False)
-    data = config.model_dump(mode="json")
+    data = config.model_dump()  # python mode: secrets stay SecretStr, so they are known as such
     sections = {key: value for key, value in data.items() if isinstance(value, dict)}
     for key, value in data.items():
         if not isinstance(value, dict):
-            out.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
+            _print_value(key, value)
     for section, values in sections.items():
         _print_section(section, values)
 
@@ -192,12 +195,20 @@ def _print_section(name: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if isinstance(value, dict):
             nested[key] = value
-        elif value is not None:
-            out.print(f"{key} = {json.dumps(value)}", markup=False, highlight=False)
         else:
-            out.print(f"# {key} = (unset)", markup=False, highlight=False)
+            _print_value(key, value)
     for key, value in nested.items():
         _print_section(f"{name}.{key}", value)
+
+
+def _print_value(key: str, value: Any) -> None:
+    if value is None:
+        line = f"# {key} = (unset)"
+    elif isinstance(value, SecretStr):
+        line = f"# {key} = (set, hidden)"
+    else:
+        line = f"{key} = {json.dumps(to_jsonable_python(value))}"
+    out.print(line, markup=False, highlight=False)
 
 
 def main() -> None:

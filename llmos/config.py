@@ -1,8 +1,9 @@
 """Configuration: offline defaults, then a TOML file, then `LLMOS_*` environment variables.
 
-Precedence, lowest first: the defaults below; the TOML file at `$LLMOS_CONFIG` or
-`~/.config/llmos/config.toml`; environment variables. A nested key `llm.model` is set by
-`LLMOS_LLM__MODEL` (sections and keys joined by a double underscore); `LLMOS_HOME` sets `home`.
+Precedence, lowest first: the defaults below; `OPENAI_API_KEY` and `OPENAI_BASE_URL` (for the
+OpenAI backend only); the TOML file at `$LLMOS_CONFIG` or `~/.config/llmos/config.toml`; `LLMOS_*`
+variables. A nested key `llm.model` is set by `LLMOS_LLM__MODEL` (sections and keys joined by a
+double underscore); `LLMOS_HOME` sets `home`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 
 def _default_home() -> Path:
@@ -28,12 +29,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+SECRET_KEYS = frozenset({("llm", "api_key")})  # their values are never printed, not even in errors
+
+
 class LLMConfig(Section):
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="catalog name, .gguf path, or openai:NAME")
     base_url: str | None = Field(
         None, description="OpenAI-compatible server(s), comma-separated; None runs the model locally"
     )
-    api_key: str | None = None
+    openai_base_url: str = Field(
+        OPENAI_URL, description="where openai:NAME models go while base_url is unset ($OPENAI_BASE_URL)"
+    )
+    # SecretStr: shown as ********** in reprs, dumps, `llmos config show` and errors; the OpenAI
+    # backend reads the value when it builds its HTTP client.
+    api_key: SecretStr | None = Field(None, description="for the OpenAI-compatible server ($OPENAI_API_KEY)")
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)
     timeout_s: float = Field(120.0, gt=0)
@@ -160,6 +170,17 @@ def _env_overrides(env: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str,
     return values, sources
 
 
+def _openai_defaults(env: dict[str, str]) -> dict[str, Any]:
+    """OPENAI_API_KEY and OPENAI_BASE_URL, the OpenAI client's own variables: below the file and LLMOS_*."""
+    llm: dict[str, Any] = {}
+    if env.get("OPENAI_API_KEY"):
+        llm["api_key"] = env["OPENAI_API_KEY"]
+    if env.get("OPENAI_BASE_URL"):
+        # Not llm.base_url: a shell set up for other tools must not move the local model to a server.
+        llm["openai_base_url"] = env["OPENAI_BASE_URL"]
+    return {"llm": llm} if llm else {}
+
+
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
@@ -181,7 +202,7 @@ def load_config(env: dict[str, str] | None = None, **overrides: Any) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"Config file {path} is not valid TOML ({exc}); fix or remove it.") from None
     env_values, env_sources = _env_overrides(env)
-    data = _merge(_merge(file_values, env_values), overrides)
+    data = _merge(_merge(_merge(_openai_defaults(env), file_values), env_values), overrides)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -205,4 +226,5 @@ def _explain(
         value = value.get(part) if isinstance(value, dict) else None
     where = env_sources.get(loc, str(path))
     allowed = error["msg"][0].lower() + error["msg"][1:]
-    return f"Bad config value {key}={value!r} (from {where}): {allowed}."
+    shown = "(hidden)" if loc in SECRET_KEYS else repr(value)
+    return f"Bad config value {key}={shown} (from {where}): {allowed}."

@@ -13,4 +13,6 @@ def llmos_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     home = tmp_path / "llmos-home"
     monkeypatch.setenv("LLMOS_HOME", str(home))
     monkeypatch.setenv("LLMOS_CONFIG", str(tmp_path / "no-config.toml"))
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the shell's, set up for other tools
+        monkeypatch.delenv(name, raising=False)
     yield home

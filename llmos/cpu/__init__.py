@@ -24,15 +24,15 @@ if TYPE_CHECKING:
 
 OPENAI_PREFIX = "openai:"
 SCRIPTED_PREFIX = "scripted:"
-OPENAI_URL = "https://api.openai.com/v1"
 
 
 def open_backend(config: Config, model: str | None = None) -> LLMBackend:
     """The backend for `model` (default `config.llm.model`).
 
     "openai:NAME", or any name while `llm.base_url` is set, talks to an OpenAI-compatible server
-    (api.openai.com when no base_url is set); a catalog name or a .gguf path runs locally with
-    llama.cpp, pulling a catalog model into `config.models_dir` on first use.
+    (`llm.openai_base_url` when no base_url is set: $OPENAI_BASE_URL or api.openai.com) with
+    `llm.api_key`; a catalog name or a .gguf path runs locally with llama.cpp, pulling a catalog
+    model into `config.models_dir` on first use.
     """
     spec = model or config.llm.model
     if spec.startswith(SCRIPTED_PREFIX):  # a scripted fake for control-flow tests, named as such
@@ -50,7 +50,8 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
             raise LLMError(
                 "Model 'openai:' names no model; write it as openai:NAME, e.g. openai:gpt-4o-mini."
             )
-        urls = [url.strip() for url in (config.llm.base_url or OPENAI_URL).split(",") if url.strip()]
+        servers = config.llm.base_url or config.llm.openai_base_url
+        urls = [url.strip() for url in servers.split(",") if url.strip()]
         backends = [
             OpenAIBackend(
                 url,

@@ -26,6 +26,7 @@ import httpx
 import openai
 from openai import AsyncOpenAI, AsyncStream
 from openai.types.chat import ChatCompletionChunk
+from pydantic import SecretStr
 
 from llmos.cpu import toolcalls
 from llmos.cpu.base import (
@@ -78,7 +79,7 @@ class OpenAIBackend:
         base_url: str,
         *,
         model: str,
-        api_key: str | None = None,
+        api_key: SecretStr | str | None = None,
         timeout_s: float = 120,
         max_retries: int = 3,
         context_length: int = 4096,
@@ -106,9 +107,10 @@ class OpenAIBackend:
             logprobs=True,
             family="openai-compatible",
         )
+        self._api_key = SecretStr(api_key) if isinstance(api_key, str) else api_key
         # Servers that ignore the key still need a non-empty one for the client to start.
         self._client = AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key or "not-needed", timeout=timeout_s, max_retries=0
+            base_url=self.base_url, api_key=self._key() or "not-needed", timeout=timeout_s, max_retries=0
         )
         # OpenAI's json_schema first; llama.cpp's server only knows json_object with a "schema".
         self._format_mode: ResponseFormatMode = "json_schema"
@@ -149,15 +151,35 @@ class OpenAIBackend:
         if self._server_tokenizes is not False:
             try:
                 response = httpx.post(
-                    self._tokenize_endpoint, json={"input": text}, timeout=self._tokenize_timeout
+                    self._tokenize_endpoint,
+                    json={"input": text},
+                    headers=self._auth_headers(),
+                    timeout=self._tokenize_timeout,
                 )
                 count = self._read_count(response)
             except httpx.HTTPError:
                 pass
         return self._remember_count(text, count)
 
+    async def answers(self, timeout_s: float) -> bool:
+        """Health check: the server lists its models (to us: a server that wants a key gets it)."""
+        try:
+            await self._client.models.list(timeout=timeout_s)
+        except (openai.OpenAIError, ValueError):  # ValueError: a 200 that is not JSON
+            return False
+        return True
+
     async def aclose(self) -> None:
         await self._client.close()
+
+    def _key(self) -> str:
+        """The API key's text, read only where a request or a message needs it."""
+        return self._api_key.get_secret_value() if self._api_key is not None else ""
+
+    def _auth_headers(self) -> dict[str, str]:
+        """For the requests that bypass the OpenAI client (llama.cpp's tokenizer)."""
+        key = self._key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     # ---- request bodies ------------------------------------------------------------------
 
@@ -397,6 +419,8 @@ class OpenAIBackend:
 
     def _status_error(self, exc: openai.APIStatusError) -> LLMError:
         detail = _error_detail(exc)
+        if key := self._key():  # a server may quote the key it refused
+            detail = detail.replace(key, "**********")
         if exc.status_code in (401, 403):
             return LLMError(f"The server at {self.base_url} refused the API key ({detail}); set llm.api_key.")
         if exc.status_code == 404:

@@ -11,8 +11,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import httpx
-
 from llmos.cpu.base import ChatRequest, ChatResult, LLMError, ModelInfo, TextCallback
 from llmos.cpu.openai import OpenAIBackend
 
@@ -32,15 +30,6 @@ class Server:
         return time.monotonic() >= self.down_until
 
 
-async def answers(base_url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
-    """Health check: the server lists its models."""
-    try:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
-            return (await client.get(f"{base_url}/models")).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 class ServerPool:
     def __init__(self, backends: Sequence[OpenAIBackend]) -> None:
         if not backends:
@@ -58,7 +47,7 @@ class ServerPool:
     async def _pick(self, tried: set[int]) -> Server | None:
         candidates = [s for i, s in enumerate(self.servers) if i not in tried]
         for server in sorted(candidates, key=lambda s: (not s.healthy, s.in_flight)):
-            if server.healthy or await answers(server.backend.base_url):
+            if server.healthy or await server.backend.answers(HEALTH_TIMEOUT_S):
                 server.down_until = 0.0
                 return server
             server.down_until = time.monotonic() + RECHECK_AFTER_S
