@@ -6,8 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LLMOS := $(VENV)/bin/llmos
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# llama-cpp-python compiles from source; the multimodal part is not used and costs a quarter of the build.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python is source-only: it is compiled once into a wheel kept under ~/.cache/llmos/wheels
+# (named by its version and build flags), then installed from there. It is built for the x86-64-v3
+# baseline (AVX2, FMA, F16C), not -march=native: a native wheel crashes (SIGILL) on a CPU other than
+# the one that built it, and some virtual machines advertise AMX that the hypervisor does not enable.
+# The multimodal part is not used and costs a quarter of the build.
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml | head -1)
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON
+WHEELS := $(HOME)/.cache/llmos/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
 .PHONY: run test setup python-deps system-deps models lint typecheck bench clean
 
@@ -26,9 +33,14 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	@echo "==> installing llmos and its dependencies (the first run compiles llama-cpp-python: about 5 minutes)"
-	$(PY) -m pip install --progress-bar on -e ".[all,dev]"
+$(WHEELS)/.built: | $(PY)
+	@echo "==> compiling llama-cpp-python $(LLAMA_CPP_VERSION) into $(WHEELS) (once: about 5 minutes)"
+	$(PY) -m pip wheel --no-deps --no-cache-dir --progress-bar on -w $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(WHEELS)/.built | $(PY)
+	@echo "==> installing llmos and its dependencies"
+	$(PY) -m pip install --progress-bar on --find-links $(WHEELS) -e ".[all,dev]"
 	touch $@
 
 python-deps: $(VENV)/.installed

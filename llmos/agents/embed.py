@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmos.agents.agent import AgentSpec, run_agent
-from llmos.agents.catalog import AGENTS
+from llmos.agents.catalog import AGENTS, default_tools
 from llmos.config import Config, load_config
 from llmos.kernel import Budget, Kernel, State
 from llmos.kernel.process import Usage
@@ -50,7 +50,7 @@ class Agent:
         tools: Sequence[Tool | str] = (),
         *,
         model: str | None = None,
-        max_steps: int = 10,
+        max_steps: int | None = None,
         capabilities: list[str] | None = None,
         budget: Budget | None = None,
     ) -> None:
@@ -61,8 +61,8 @@ class Agent:
             update={
                 "instructions": instructions or base.instructions,
                 "tools": names,
-                "model": model,
-                "max_steps": max_steps,
+                "model": model or base.model,
+                "max_steps": max_steps or base.max_steps,
             }
         )
         self.capabilities = capabilities
@@ -80,8 +80,12 @@ class Agent:
         if kernel is None:
             async with Kernel(config or load_config()) as own:
                 return await self.arun(task, kernel=own, on_event=on_event)
-        for tool in self.tools:
-            if tool.name not in kernel.tools:
+        # The agent's own tools, then the built-in ones it names (python, files, memory) that the
+        # kernel does not offer yet: a named agent works the same on any kernel.
+        built_in = {tool.name: tool for tool in default_tools()}
+        for name in self.spec.tools:
+            tool = next((t for t in self.tools if t.name == name), None) or built_in.get(name)
+            if tool is not None and name not in kernel.tools:
                 kernel.tools.register(tool)
         if on_event is not None:
             kernel.listeners.append(on_event)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +13,7 @@ import pytest
 from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
-from llmos.cpu.base import ChatRequest, LLMBackend, Message, ToolSpec
+from llmos.cpu.base import ChatRequest, ChatResult, LLMBackend, Message, ToolSpec
 from llmos.cpu.llamacpp import (
     ContextOverflowError,
     LlamaCppBackend,
@@ -66,23 +66,42 @@ async def test_chat(backend: LlamaCppBackend) -> None:
     assert result.time_to_first_token_s is not None
 
 
-async def test_streaming_delivers_the_same_text_counted_once(backend: LlamaCppBackend) -> None:
+async def cold_chat(
+    model: Path, kv_dir: Path, request: ChatRequest, on_text: Callable[[str], None] | None = None
+) -> ChatResult:
+    """One call on a model instance of its own, so its prompt is evaluated cold.
+
+    llama.cpp's greedy output depends on how the prompt was split into batches: a prompt served
+    from the KV cache may decode other text than the same prompt evaluated cold. Tests that compare
+    two outputs therefore compare calls made from the same cache state. (The n_ctx differs from the
+    module's backend, so closing this one unloads the model.)
+    """
+    llm = LlamaCppBackend(model, name="s", n_ctx=1024, kv_dir=kv_dir)
+    try:
+        return await llm.chat(request, on_text=on_text)
+    finally:
+        await llm.aclose()
+
+
+async def test_streaming_delivers_the_same_text_counted_once(smollm2_path: Path, tmp_path: Path) -> None:
     request = ChatRequest(messages=user("Name three colours."), max_tokens=16)
-    plain = await backend.chat(request)
+    plain = await cold_chat(smollm2_path, tmp_path, request)
     pieces: list[str] = []
-    streamed = await backend.chat(request, on_text=pieces.append)
+    streamed = await cold_chat(smollm2_path, tmp_path, request, on_text=pieces.append)
     assert len(pieces) > 1
     assert "".join(pieces) == streamed.text == plain.text
     assert streamed.usage.completion_tokens == plain.usage.completion_tokens
     assert streamed.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
-async def test_stop_strings_cut_the_text(backend: LlamaCppBackend) -> None:
+async def test_stop_strings_cut_the_text(smollm2_path: Path, tmp_path: Path) -> None:
     request = ChatRequest(messages=user("Count from 1 to 10, separated by commas."), max_tokens=30)
-    full = await backend.chat(request)
+    full = await cold_chat(smollm2_path, tmp_path, request)
     assert "," in full.text
     pieces: list[str] = []
-    stopped = await backend.chat(request.model_copy(update={"stop": [","]}), on_text=pieces.append)
+    stopped = await cold_chat(
+        smollm2_path, tmp_path, request.model_copy(update={"stop": [","]}), on_text=pieces.append
+    )
     assert stopped.text == full.text[: full.text.index(",")]
     assert "".join(pieces) == stopped.text
     assert stopped.finish_reason == "stop"
@@ -204,34 +223,38 @@ async def test_multi_turn_reuses_the_history(backend: LlamaCppBackend) -> None:
     assert second.usage.prompt_tokens > second.usage.reused_prompt_tokens
 
 
-def two_turns(session: str, system: str, answer: str) -> tuple[ChatRequest, list[Message]]:
-    messages = [Message(role="system", content=system), *user("Tell me about the moon.")]
-    return ChatRequest(messages=messages, max_tokens=24, session=session), [
-        *messages,
-        Message(role="assistant", content=answer),
-        *user("And about the sun?"),
-    ]
+def two_turns(system: str, answer: str) -> tuple[list[Message], list[Message]]:
+    first = [Message(role="system", content=system), *user("Tell me about the moon.")]
+    return first, [*first, Message(role="assistant", content=answer), *user("And about the sun?")]
 
 
-async def test_kv_snapshot_restores_a_session_exactly(backend: LlamaCppBackend, kv_dir: Path) -> None:
+async def test_kv_snapshot_restores_a_session_exactly(smollm2_path: Path, tmp_path: Path) -> None:
     system = "You are an astronomy teacher who answers in one or two sentences."
-    # Uninterrupted: A, A.
-    first, _ = two_turns("straight", system, "")
-    a1 = await backend.chat(first)
-    _, follow = two_turns("straight", system, a1.text)
-    a2 = await backend.chat(ChatRequest(messages=follow, max_tokens=24, session="straight"))
+    first, _ = two_turns(system, "")
 
-    # Interrupted: A, B (a different conversation), A again.
-    first, _ = two_turns("resumed", system, "")
-    b1 = await backend.chat(first)
+    def ask(messages: list[Message], session: str) -> ChatRequest:
+        return ChatRequest(messages=messages, max_tokens=24, session=session)
+
+    # Both runs start cold, on a model instance of their own, so they compare like with like.
+    straight = LlamaCppBackend(smollm2_path, name="s", n_ctx=1024, kv_dir=tmp_path / "straight")
+    try:  # uninterrupted: A, A
+        a1 = await straight.chat(ask(first, "a"))
+        a2 = await straight.chat(ask(two_turns(system, a1.text)[1], "a"))
+    finally:
+        await straight.aclose()
+
+    resumed = LlamaCppBackend(smollm2_path, name="s", n_ctx=1024, kv_dir=tmp_path / "resumed")
+    try:  # interrupted: A, B (another conversation), A again
+        b1 = await resumed.chat(ask(first, "a"))
+        other = [Message(role="system", content="You are a chef."), *user("How do I boil an egg?")]
+        await resumed.chat(ask(other, "intruder"))
+        assert list((tmp_path / "resumed").rglob("*.kv")), "switching sessions saves a KV snapshot"
+        b2 = await resumed.chat(ask(two_turns(system, b1.text)[1], "a"))
+    finally:
+        await resumed.aclose()
+
     assert b1.text == a1.text
-    other = [Message(role="system", content="You are a chef."), *user("How do I boil an egg?")]
-    await backend.chat(ChatRequest(messages=other, max_tokens=24, session="intruder"))
-    assert list(kv_dir.rglob("*.kv")), "switching sessions saves a KV snapshot"
-    _, follow = two_turns("resumed", system, b1.text)
-    b2 = await backend.chat(ChatRequest(messages=follow, max_tokens=24, session="resumed"))
-
-    assert b2.text == a2.text
+    assert b2.text == a2.text, "the restored session continues exactly as the uninterrupted one"
     # The history was loaded from the snapshot, not evaluated again.
     assert b2.usage.reused_prompt_tokens >= b1.usage.prompt_tokens
 
@@ -320,9 +343,18 @@ async def test_two_backends_share_the_model_but_not_sessions(
     other = LlamaCppBackend(smollm2_path, name="other", n_ctx=N_CTX, kv_dir=tmp_path)
     try:
         assert other._engine is backend._engine
-        request = ChatRequest(messages=user("Say hello."), max_tokens=8, session="same-name")
-        mine, theirs = await asyncio.gather(backend.chat(request), other.chat(request))
-        assert mine.text == theirs.text
+        history = [Message(role="system", content="You are terse."), *user("Name a river.")]
+        mine = await backend.chat(ChatRequest(messages=history, max_tokens=8, session="same-name"))
+        # The same session name in the other backend is another session, with other history.
+        theirs = await other.chat(
+            ChatRequest(messages=user("Say hello."), max_tokens=8, session="same-name")
+        )
+        assert mine.text and theirs.text
+        assert theirs.usage.prompt_tokens == len(other.prompt_tokens(user("Say hello.")))
+        # Switching back, this backend's session still has its own history (from its snapshot).
+        history += [Message(role="assistant", content=mine.text), *user("Another one.")]
+        again = await backend.chat(ChatRequest(messages=history, max_tokens=8, session="same-name"))
+        assert again.usage.reused_prompt_tokens >= mine.usage.prompt_tokens
     finally:
         await other.aclose()
     assert (await backend.chat(ChatRequest(messages=user("Say hi."), max_tokens=4))).text
