@@ -9,6 +9,7 @@ double underscore); `LLMOS_HOME` sets `home`.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -148,20 +149,68 @@ class ConfigError(Exception):
 
 def config_file_path(env: dict[str, str] | None = None) -> Path:
     env = dict(os.environ) if env is None else env
-    if "LLMOS_CONFIG" in env:
+    if env.get("LLMOS_CONFIG"):
         return Path(env["LLMOS_CONFIG"]).expanduser()
     base = env.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
     return Path(base) / "llmos" / "config.toml"
 
 
+def _read_config_file(path: Path, named: bool) -> dict[str, Any]:
+    """The TOML file's values; a missing file is no values unless LLMOS_CONFIG named it."""
+    where = f"{path} (from LLMOS_CONFIG)" if named else str(path)
+    if not path.exists():
+        if named:
+            raise ConfigError(f"Config file {where} does not exist; create it or unset LLMOS_CONFIG.")
+        return {}
+    if path.is_dir():
+        raise ConfigError(f"Config file {where} is a folder, not a file; point it at a TOML file.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Config file {where} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "save it as UTF-8."
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {where} is not valid TOML ({exc}); fix or remove it.") from None
+    except OSError as exc:
+        message = f"Config file {where} cannot be read ({exc.strerror}); fix its permissions."
+        raise ConfigError(message) from None
+
+
+# LLMOS_* variables that llmos reads but that are not settings.
+NOT_SETTINGS = frozenset({"LLMOS_CONFIG", "LLMOS_TEST_DOCKER_HOST"})
+_warned: set[str] = set()  # each ignored variable is named once per process, not at every load
+
+
+def _warn_ignored(name: str) -> None:
+    if name in _warned:
+        return
+    _warned.add(name)
+    first = name[len("LLMOS_") :].split("__")[0].lower()
+    section = next((s for s in Config.model_fields if first.startswith(f"{s}_")), None)
+    hint = ""
+    if section:  # LLMOS_LLM_MODEL for LLMOS_LLM__MODEL
+        hint = f" (a key in [{section}] takes a double underscore: LLMOS_{section.upper()}__KEY)"
+    print(f"warning: {name} is not an llmos setting; ignored{hint}.", file=sys.stderr)
+
+
 def _env_overrides(env: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """Nested dict of values from LLMOS_* variables, and which variable set each key."""
+    """Nested dict of values from LLMOS_* variables, and which variable set each key.
+
+    A variable whose first part names no setting or section (LLMOS_DEBUG) is warned about and
+    ignored; one that names a section but a key it does not have (LLMOS_LLM__MODLE) is a typo
+    of a real setting, and validation stops on it.
+    """
     values: dict[str, Any] = {}
     sources: dict[tuple[str, ...], str] = {}
     for name, value in env.items():
-        if not name.startswith("LLMOS_") or name == "LLMOS_CONFIG":
+        if not name.startswith("LLMOS_") or name in NOT_SETTINGS:
             continue
         path = tuple(part.lower() for part in name[len("LLMOS_") :].split("__"))
+        if path[0] not in Config.model_fields:
+            _warn_ignored(name)
+            continue
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -195,12 +244,7 @@ def load_config(env: dict[str, str] | None = None, **overrides: Any) -> Config:
     """Build the config from file and environment; keyword overrides win over both."""
     env = dict(os.environ) if env is None else env
     path = config_file_path(env)
-    file_values: dict[str, Any] = {}
-    if path.exists():
-        try:
-            file_values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"Config file {path} is not valid TOML ({exc}); fix or remove it.") from None
+    file_values = _read_config_file(path, named=bool(env.get("LLMOS_CONFIG")))
     env_values, env_sources = _env_overrides(env)
     data = _merge(_merge(_merge(_openai_defaults(env), file_values), env_values), overrides)
     try:
@@ -209,7 +253,17 @@ def load_config(env: dict[str, str] | None = None, **overrides: Any) -> Config:
         raise ConfigError(_explain(exc, data, env_sources, path)) from None
     config.home = config.home.expanduser()
     config.models_dir = config.models_dir.expanduser()
+    for key in ("home", "models_dir"):
+        _check_folder(key, getattr(config, key), env_sources.get((key,), str(path)))
     return config
+
+
+def _check_folder(key: str, folder: Path, where: str) -> None:
+    """A state folder may not exist yet (it is made when needed), but it cannot be, or be under, a file."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise ConfigError(f"{key} = {folder} (from {where}) {what}; point it at a folder.")
 
 
 def _explain(

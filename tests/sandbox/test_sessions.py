@@ -142,7 +142,6 @@ def test_namespace_without_bubblewrap_says_how_to_install(
 
 def test_doctor_reports_each_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
-    monkeypatch.setenv("LLMOS_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.setenv("LLMOS_SANDBOX__DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     result = CliRunner().invoke(app, ["doctor"])
     lines = result.output.replace("\n", " ")
@@ -194,7 +193,6 @@ def test_doctor_fails_when_the_configured_backend_cannot_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
-    monkeypatch.setenv("LLMOS_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.setenv("LLMOS_SANDBOX__BACKEND", "namespace")
     monkeypatch.setenv("LLMOS_SANDBOX__DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap, no docker CLI
