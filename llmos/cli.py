@@ -13,8 +13,8 @@ import typer
 from pydantic import SecretStr
 from pydantic_core import to_jsonable_python
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from llmos.agents import cli as agent_cli
 from llmos.config import Config, ConfigError, config_file_path, load_config
@@ -42,7 +42,7 @@ config_app = typer.Typer(help="Show the configuration", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error sentence is never broken into lines
 
 
 def _version(value: bool) -> None:
@@ -60,13 +60,9 @@ def main_options(
     pass
 
 
-def _open_journal(config: Config) -> Journal:
-    if not config.journal_path.exists():
-        err.print(
-            f"No journal at {config.journal_path} yet: no process has run with LLMOS_HOME={config.home}."
-        )
-        raise typer.Exit(1)
-    return Journal(config.journal_path)
+def error(message: str) -> Text:
+    """`error: MESSAGE`, the message printed as it is (it may hold a user's or a model's text)."""
+    return Text.assemble(("error:", "red"), " ", message)
 
 
 def _shown_state(config: Config, journal: Journal, info: ProcessInfo) -> str:
@@ -83,8 +79,11 @@ def ps(
 ) -> None:
     """List processes: state, the syscall each is in now, tokens, tool calls and time used."""
     config = load_config()
-    journal = _open_journal(config)
+    journal = Journal.open_read_only(config.journal_path)
     table = Table("PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
+    if journal is None:
+        out.print(table)
+        return
     processes = journal.processes()
     running = [info.pid for info in processes if not info.state.finished]
     now = doing_now(journal, running)
@@ -97,9 +96,9 @@ def ps(
         table.add_row(
             str(info.pid),
             str(info.ppid or "-"),
-            info.name,
+            Text(info.name),
             state,
-            doing,
+            Text(doing),
             str(usage.tokens),
             str(usage.tool_calls),
             str(usage.syscalls),
@@ -110,15 +109,19 @@ def ps(
 
 @app.command()
 def prune(
-    days: Annotated[float, typer.Option(help="Keep what finished less than this many days ago.")] = 7.0,
+    days: Annotated[
+        float, typer.Option(min=0, help="Keep what finished less than this many days ago.")
+    ] = 7.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
 ) -> None:
     """Delete the workspaces of processes that finished long enough ago (their journal stays)."""
     config = load_config()
-    journal = _open_journal(config)
+    journal = Journal.open_read_only(config.journal_path)
     cutoff = time.time() - days * 86400
     gone, freed = 0, 0
-    for info in journal.processes([State.DONE, State.FAILED, State.KILLED], with_usage=False):
+    finished = [State.DONE, State.FAILED, State.KILLED]
+    ended = [] if journal is None else journal.processes(finished, with_usage=False)
+    for info in ended:
         workspace = config.workspace(info.pid)
         old_enough = info.ended_at is not None and info.ended_at <= cutoff
         if not old_enough or workspace.is_symlink() or not workspace.is_dir():
@@ -127,34 +130,35 @@ def prune(
         if not dry_run:
             shutil.rmtree(workspace)
     verb = "would free" if dry_run else "freed"
-    ended = f"{gone} workspaces of processes that ended over {days:g} days ago"
-    out.print(f"{ended}: {verb} {freed / 2**20:.1f} MB")
+    what = f"{gone} workspaces of processes that ended over {days:g} days ago"
+    out.print(f"{what}: {verb} {freed / 2**20:.1f} MB", markup=False, highlight=False)
 
 
 @app.command("log")
 def log_command(pid: Annotated[int, typer.Argument(help="Process id, from `llmos ps --all`.")]) -> None:
     """A process's syscall trace, like strace."""
-    journal = _open_journal(load_config())
-    if journal.process(pid, with_usage=False) is None:
-        err.print(f"No process {pid}; `llmos ps --all` lists them.")
+    journal = Journal.open_read_only(load_config().journal_path)
+    if journal is None or journal.process(pid, with_usage=False) is None:
+        err.print(error(f"No process {pid}; `llmos ps --all` lists them."))
         raise typer.Exit(1)
     for line in trace_lines(journal.events(pid)):
-        out.print(line, markup=False, highlight=False)
+        out.print(Text(line), soft_wrap=True)
 
 
 @app.command()
 def approvals() -> None:
     """List the actions waiting for a person's approval."""
-    journal = _open_journal(load_config())
+    journal = Journal.open_read_only(load_config().journal_path)
     table = Table("KEY", "PID", "TOOL", "RISK", "WHY", "ARGUMENTS", box=None)
-    for approval in Approvals(journal.db).pending():
+    pending = Approvals(journal.db).pending() if journal and journal.has_table("approvals") else []
+    for approval in pending:
         table.add_row(
-            approval.key,
+            Text(approval.key),
             str(approval.pid),
-            approval.tool,
-            approval.risk,
-            approval.reason,
-            short(approval.arguments, 60),
+            Text(approval.tool),
+            Text(approval.risk),
+            Text(approval.reason),
+            Text(short(approval.arguments, 60)),
         )
     out.print(table)
 
@@ -165,13 +169,15 @@ def approve(
     deny: Annotated[bool, typer.Option("--deny", help="Decline instead of approving.")] = False,
 ) -> None:
     """Approve (or --deny) a pending action; the blocked process goes on, now or when resumed."""
-    journal = _open_journal(load_config())
+    config = load_config()
     try:
-        approval = Approvals(journal.db).answer(key, approve=not deny)
+        if not config.journal_path.is_file():
+            raise LookupError(f"No pending approval {key!r}; no process has run here yet.")
+        approval = Approvals(Journal(config.journal_path).db).answer(key, approve=not deny)
     except LookupError as exc:
-        err.print(str(exc))
+        err.print(error(str(exc)))
         raise typer.Exit(1) from None
-    out.print(f"{approval.state}: {approval.tool} of process {approval.pid}")
+    out.print(Text(f"{approval.state}: {approval.tool} of process {approval.pid}"))
 
 
 @config_app.command("show")
@@ -216,5 +222,5 @@ def main() -> None:
     try:
         app()
     except (ConfigError, LLMError, KernelError, MemoryStoreError) as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}")
+        err.print(error(str(exc)))
         sys.exit(2 if isinstance(exc, ConfigError) else 1)

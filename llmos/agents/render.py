@@ -1,4 +1,8 @@
-"""How the CLI and the shell show what a process is doing: one renderer for both."""
+"""How the CLI and the shell show what a process is doing: one renderer for both.
+
+Text from a model, a tool or a user is never rich markup: it goes into `Text` objects as it is,
+and only our own labels carry a style.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.syntax import Syntax
+from rich.text import Text
 
 
 class EventPrinter:
@@ -23,7 +27,7 @@ class EventPrinter:
         if self.pids is not None and data.get("pid") not in self.pids:
             return
         if kind == "text" and self.stream_text:
-            self.console.print(data["text"], end="", style="dim", markup=False, highlight=False)
+            self.console.print(Text(data["text"], style="dim"), end="", soft_wrap=True)
             self._streaming = True
             return
         if self._streaming:
@@ -34,29 +38,31 @@ class EventPrinter:
         elif kind == "approval":
             key = data["key"]
             self.console.print(
-                f"[yellow]approval needed[/] \\[{key}] {data['tool']}({escape(_short(data['arguments']))}) "
-                f"because {data['reason']}: answer with /approve {key} (or `llmos approve {key}`)",
-                highlight=False,
+                Text.assemble(
+                    ("approval needed", "yellow"),
+                    f" [{key}] {data['tool']}({_short(data['arguments'])}) because {data['reason']}: ",
+                    f"answer with /approve {key} (or `llmos approve {key}`)",
+                )
             )
 
     def _agent(self, data: dict[str, Any]) -> None:
         event, step = data["event"], data["step"]
         if event == "step":
-            self.console.rule(f"step {step}", style="dim")
+            self.console.rule(Text(f"step {step}"), style="dim")
         elif event == "tool_call":
             arguments = data["arguments"]
             if data["tool"] == "python" and isinstance(arguments.get("code"), str):
-                self.console.print("[bold cyan]python[/]")
+                self.console.print(Text("python", style="bold cyan"))
                 self.console.print(Syntax(arguments["code"], "python", theme="ansi_dark"))
             else:
-                self.console.print(f"[bold cyan]{data['tool']}[/]({escape(_short(arguments))})")
+                self.console.print(Text.assemble((str(data["tool"]), "bold cyan"), f"({_short(arguments)})"))
         elif event == "tool_result":
             style = "green" if data.get("ok") else "red"
-            self.console.print(f"[{style}]→[/] {escape(_short(data['result'], 600))}", highlight=False)
+            self.console.print(Text.assemble(("→", style), " ", _short(data["result"], 600)))
         elif event == "answer":
-            self.console.print(f"[bold green]answer:[/] {escape(data['answer'])}")
+            self.console.print(Text.assemble(("answer:", "bold green"), " ", str(data["answer"])))
         elif event == "error":
-            self.console.print(f"[red]error:[/] {escape(data['message'])}")
+            self.console.print(Text.assemble(("error:", "red"), " ", str(data["message"])))
 
 
 def _short(value: Any, limit: int = 200) -> str:

@@ -69,7 +69,13 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
 
         return ServerPool(backends)
 
-    from llmos.cpu.llamacpp import LlamaCppBackend
+    try:
+        from llmos.cpu.llamacpp import LlamaCppBackend
+    except ImportError as exc:  # llmos installed without the `local` extra
+        raise LLMError(
+            f"Model {spec!r} runs locally, which needs llama-cpp-python ({exc}): install it with "
+            "`pip install 'llmos[local]'`, or use a model on a server (openai:NAME or llm.base_url)."
+        ) from None
     from llmos.cpu.models import ModelManager
 
     manager = ModelManager(config.models_dir)

@@ -6,15 +6,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from llmos.config import load_config
 from llmos.cpu.models import ModelError, ModelManager
 
 app = typer.Typer(help="Manage models", no_args_is_help=True)
 _out = Console()
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # an error sentence is never broken into lines
 
 
 def _manager() -> ModelManager:
@@ -31,7 +31,7 @@ def _human(size: int) -> str:
 
 
 def _fail(exc: ModelError) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    _err.print(Text.assemble(("error:", "red"), " ", str(exc)))
     return typer.Exit(1)
 
 
@@ -39,13 +39,15 @@ def _fail(exc: ModelError) -> typer.Exit:
 def list_models() -> None:
     """Show the catalog and what is in the cache."""
     manager = _manager()
-    table = Table(title=f"Models ({manager.cache_dir})")
+    table = Table(title=Text(f"Models ({manager.cache_dir})"))
     for column in ("name", "kind", "size", "cached", "licence"):
         table.add_column(column)
     for status in manager.list():
         entry = status.entry
-        cached = "[green]yes[/green]" if status.cached else "no"
-        table.add_row(entry.name, entry.kind, _human(entry.size), cached, entry.licence.split(" ")[0])
+        cached = Text("yes", style="green") if status.cached else Text("no")
+        table.add_row(
+            Text(entry.name), entry.kind, _human(entry.size), cached, Text(entry.licence.split(" ")[0])
+        )
     _out.print(table)
 
 
@@ -58,7 +60,7 @@ def pull(names: Annotated[list[str], typer.Argument(help="catalog model names")]
             path = manager.pull(name, progress=True)
         except ModelError as exc:
             raise _fail(exc) from None
-        _out.print(escape(f"{name}: {path}"), highlight=False)
+        _out.print(Text(f"{name}: {path}"))
 
 
 @app.command()
@@ -87,7 +89,7 @@ def info(name: str) -> None:
             sources.insert(0, f"hf:{file.hf.repo_id}/{file.hf.filename}")
         rows.append((file.filename, f"{file.size:,} bytes, sha256 {file.sha256}\n" + "\n".join(sources)))
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", escape(value))
+        table.add_row(Text(key, style="bold"), Text(value))
     _out.print(table, highlight=False)
 
 
@@ -98,4 +100,4 @@ def rm(name: str) -> None:
         removed = _manager().rm(name)
     except ModelError as exc:
         raise _fail(exc) from None
-    _out.print(f"{name}: removed" if removed else f"{name}: was not cached")
+    _out.print(Text(f"{name}: removed" if removed else f"{name}: was not cached"))

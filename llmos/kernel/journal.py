@@ -58,15 +58,35 @@ class JournalEvent(BaseModel):
 
 
 class Journal:
-    def __init__(self, path: Path, synchronous: str = "normal") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, synchronous: str = "normal", *, read_only: bool = False) -> None:
         self.path = path
+        if read_only:  # for commands that only look (`llmos ps`): no folder, file or table is made
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout=10000")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread=False: the sync facade's loop thread owns it after boot.
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+
+    @classmethod
+    def open_read_only(cls, path: Path) -> Journal | None:
+        """The journal at `path` for commands that only look, or None if no process ever ran there."""
+        if not path.is_file():
+            return None
+        journal = cls(path, read_only=True)
+        if not journal.has_table("processes"):  # another part (memory) made the file before any process ran
+            journal.close()
+            return None
+        return journal
+
+    def has_table(self, name: str) -> bool:
+        found = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return found.fetchone() is not None
 
     def close(self) -> None:
         self.db.close()

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llmos.config import ConfigError, load_config
 from llmos.cpu.models import ModelError
@@ -18,20 +19,28 @@ from llmos.memory.store import MemoryStore, MemoryStoreError
 
 app = typer.Typer(help="Search and export long-term memory", no_args_is_help=True)
 _out = Console()
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # an error sentence is never broken into lines
+
+
+def _fail(message: str) -> typer.Exit:
+    _err.print(Text.assemble(("error:", "red"), " ", message))
+    return typer.Exit(1)
 
 
 @contextmanager
-def _store() -> Iterator[MemoryStore]:
+def _store() -> Iterator[MemoryStore | None]:
+    """The store, or None when no memory was ever written here: looking creates nothing."""
     try:
-        store = MemoryStore.open(load_config())
+        config = load_config()
+        embedded_never_used = not config.memory.chroma_url and not (config.home / "memory").exists()
+        store = None if embedded_never_used else MemoryStore.open(config)
     except (MemoryStoreError, ConfigError, ModelError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(str(exc)) from None
     try:
         yield store
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 @app.command()
@@ -45,8 +54,7 @@ def search(
 ) -> None:
     """Records nearest in meaning to QUERY, best first."""
     with _store() as store:
-        namespaces = namespace or store.namespaces()
-        hits = store.search(query, namespaces=namespaces, k=k)
+        hits = [] if store is None else store.search(query, namespaces=namespace or store.namespaces(), k=k)
     if not hits:
         _out.print("no matching memories")
         return
@@ -56,9 +64,8 @@ def search(
     for hit in hits:
         p = hit.provenance
         text = hit.text if len(hit.text) <= 200 else hit.text[:200] + "..."
-        table.add_row(
-            f"{hit.score:.3f}", hit.namespace, p.trust, p.source, str(p.pid or ""), hit.id, text
-        )  # fmt: skip
+        cells = (hit.namespace, p.trust, p.source, str(p.pid or ""), hit.id, text)
+        table.add_row(f"{hit.score:.3f}", *(Text(cell) for cell in cells))
     _out.print(table)
 
 
@@ -66,9 +73,12 @@ def search(
 def stats() -> None:
     """How many records, per namespace, and where they live."""
     with _store() as store:
-        s = store.stats()
-    _out.print(f"backend: {s.backend} ({s.location})", highlight=False)
-    _out.print(f"embedding model: {s.embedding_model}")
+        s = None if store is None else store.stats()
+    if s is None:
+        _out.print("records: 0 (no memory has been written here yet)")
+        return
+    _out.print(Text(f"backend: {s.backend} ({s.location})"))
+    _out.print(Text(f"embedding model: {s.embedding_model}"))
     _out.print(f"records: {s.records}")
     if s.pending_intents:
         _out.print(f"pending page-outs: {s.pending_intents}")
@@ -76,7 +86,7 @@ def stats() -> None:
     table.add_column("namespace")
     table.add_column("records", justify="right")
     for name, n in s.namespaces.items():
-        table.add_row(name, str(n))
+        table.add_row(Text(name), str(n))
     _out.print(table)
 
 
@@ -88,15 +98,22 @@ def export(
     namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="only this namespace")] = None,
 ) -> None:
     """Every record as JSON lines (id, text, namespace, provenance, metadata)."""
+    if out is not None and not out.parent.is_dir():
+        raise _fail(f"Cannot write {out}: the folder {out.parent} does not exist; create it first.")
+    if out is not None and out.is_dir():
+        raise _fail(f"Cannot write {out}: it is a folder; give a file name, e.g. {out / 'memory.jsonl'}.")
     with _store() as store:
-        sink = out.open("w", encoding="utf-8") if out else sys.stdout
+        try:
+            sink = out.open("w", encoding="utf-8") if out else sys.stdout
+        except OSError as exc:
+            raise _fail(f"Cannot write {out}: {exc.strerror}.") from None
         try:
             n = 0
-            for record in store.export(namespace):
+            for record in [] if store is None else store.export(namespace):
                 sink.write(record.model_dump_json() + "\n")
                 n += 1
         finally:
             if out:
                 sink.close()
     if out:
-        _err.print(f"exported {n} records to {out}", highlight=False)
+        _err.print(Text(f"exported {n} records to {out}"))

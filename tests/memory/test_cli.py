@@ -61,3 +61,15 @@ def test_empty_store_and_bad_k(config: Config) -> None:
     empty = runner.invoke(app, ["search", "anything"])
     assert empty.exit_code == 0 and "no matching memories" in empty.output
     assert runner.invoke(app, ["search", "x", "-k", "0"]).exit_code == 2
+
+
+def test_search_prints_records_verbatim(config: Config, embedder: OnnxEmbeddingFunction) -> None:
+    tricky = ["def f(x: list[str]) -> dict[str, int]", "see [link] and [red]", "a[/b]"]
+    with MemoryStore.open(config, embedder=embedder) as store:
+        for text in tricky:
+            store.add(text, namespace="shared", source="[chat]", trust="user", pid=None)
+    found = runner.invoke(app, ["search", "code and links", "-k", "3"], env={"COLUMNS": "300"})
+    assert found.exit_code == 0, found.output
+    rows = found.output.splitlines()
+    for text in tricky:
+        assert any(f"│ {text} " in row and "│ [chat] " in row for row in rows), found.output

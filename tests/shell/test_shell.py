@@ -60,3 +60,72 @@ def test_shell_runs_a_task_lists_approves_and_kills(tmp_path: Path, llmos_home: 
         shell.expect(pexpect.EOF)
     finally:
         shell.close(force=True)
+
+
+TRICKY = "def f(x: list[str]) -> dict[str, int] ~ see [link] and [red] ~ a[/b] ~ :thumbs_up:"
+
+TYPOS = [  # what a person might type, and the start of the shell's one-line answer
+    ("/model nosuch", "Unknown model 'nosuch'"),
+    ("/kill", "usage: /kill PID"),
+    ("/kill abc", "usage: /kill PID"),
+    ("/kill 99", "No process 99;"),
+    ("/kill 1", "process 1 has already ended (done)"),
+    ("/top abc", "usage: /top [SECONDS]"),
+    ("/top -1", "usage: /top [SECONDS]"),
+    ("/agents nosuch", "No agent named 'nosuch'; the agents are: coder, assistant, researcher."),
+    ("/agents a b", "usage: /agents [NAME]"),
+    ("/log", "usage: /log PID"),
+    ("/log 99", "No process 99;"),
+    ("/ps -z", "usage: /ps [-a]"),
+    ("/approve k maybe", "usage: /approve [KEY [yes|no]]"),
+    ("/approve nokey", "No pending approval 'nokey'"),
+    ("/approve", "no approval is pending"),
+    ("/spawn", "usage: /spawn TASK"),
+    ('/spawn "unclosed', "No closing quotation"),
+    ("/tools x", "usage: /tools"),
+    ("/nosuch", "unknown command /nosuch"),
+]
+
+
+def test_shell_prints_text_verbatim_and_never_dies_of_a_typo(tmp_path: Path, llmos_home: Path) -> None:
+    script = tmp_path / "[red]" / "script.json"  # a model named by a user, shown as it is
+    script.parent.mkdir()
+    script.write_text(
+        json.dumps(
+            [
+                {"tool": "write_file", "arguments": {"path": "note.txt", "content": TRICKY}},
+                {"tool": "read_file", "arguments": {"path": "note.txt"}},
+                {"tool": "final_answer", "arguments": {"answer": TRICKY}},
+            ]
+        )
+    )
+    env = {**os.environ, "TERM": "xterm", "NO_COLOR": "1", "COLUMNS": "160", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    shell = pexpect.spawn(
+        sys.executable, ["-m", "llmos", "shell", "--agent", "assistant", "--model", f"scripted:{script}"],
+        env=env, encoding="utf-8", timeout=30, dimensions=(50, 160),
+    )  # fmt: skip
+    try:
+        shell.expect_exact(f"model scripted:{script}")
+        shell.expect("llmos>")
+        shell.sendline("keep a note")
+        shell.expect_exact(f"content: {TRICKY}")  # the tool's result
+        shell.expect(r"answer:\S* ")
+        shell.expect_exact(TRICKY)  # the model's answer
+        shell.expect("llmos>")
+        shell.sendline("/log 1")
+        shell.expect_exact(json.dumps(TRICKY)[:50])  # the trace cuts arguments at 60 characters
+        shell.expect("llmos>")
+
+        for typed, answer in TYPOS:
+            shell.sendline(typed)
+            shell.expect_exact(answer)
+            shell.expect("llmos>")
+        shell.sendline("/model")  # still the model it had: the failed switch changed nothing
+        shell.expect_exact(f"model: scripted:{script}")
+        shell.expect("llmos>")
+        shell.sendline("/exit")
+        shell.expect(pexpect.EOF)
+    finally:
+        shell.close(force=True)
+    assert "Traceback" not in (shell.before or "")
+    assert shell.exitstatus == 0

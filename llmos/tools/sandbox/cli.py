@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from llmos.config import load_config
 from llmos.tools.sandbox.doctor import auto_choice, diagnose
@@ -23,14 +24,16 @@ def doctor() -> None:
     config = load_config()
     statuses = diagnose(config)
     for status in statuses:
-        mark = "[green]works[/green]" if status.works else "[red]does not work[/red]"
-        _out.print(f"{status.name}: {mark} - {status.detail}", highlight=False)
+        mark = ("works", "green") if status.works else ("does not work", "red")
+        _out.print(Text.assemble(f"{status.name}: ", mark, f" - {status.detail}"))
     choice = auto_choice(statuses)
     configured = config.sandbox.backend
     if choice is None:
-        _out.print("auto: [red]no sandbox available[/red]; fix docker or namespace above", highlight=False)
+        _out.print(
+            Text.assemble("auto: ", ("no sandbox available", "red"), "; fix docker or namespace above")
+        )
     else:
-        _out.print(f"auto: would use {choice} (configured: {configured})", highlight=False)
+        _out.print(Text(f"auto: would use {choice} (configured: {configured})"))
     chosen = choice if configured == "auto" else configured
     if not any(s.works for s in statuses if s.name == chosen):
         raise typer.Exit(1)
@@ -47,6 +50,6 @@ def build_image_command(
     try:
         image = build_image(load_config(), progress=True, pull=not no_pull)
     except (ImageBuildError, DockerdError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error:", "red"), " ", str(exc)))
         raise typer.Exit(1) from None
-    _out.print(image, highlight=False)
+    _out.print(Text(image))
