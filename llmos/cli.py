@@ -185,7 +185,7 @@ def config_show() -> None:
     """Print the configuration in effect (defaults < OPENAI_* < config file < LLMOS_* variables) as
     TOML-like text; secrets show as set or unset, never their value."""
     config = load_config()
-    out.print(f"# file: {config_file_path()}", markup=False, highlight=False)
+    out.print(Text(f"# file: {config_file_path()}"), soft_wrap=True)
     data = config.model_dump()  # python mode: secrets stay SecretStr, so they are known as such
     sections = {key: value for key, value in data.items() if isinstance(value, dict)}
     for key, value in data.items():
@@ -196,7 +196,7 @@ def config_show() -> None:
 
 
 def _print_section(name: str, values: dict[str, Any]) -> None:
-    out.print(f"\n[{name}]", markup=False, highlight=False)
+    out.print(Text(f"\n[{name}]"))
     nested = {}
     for key, value in values.items():
         if isinstance(value, dict):
@@ -214,7 +214,7 @@ def _print_value(key: str, value: Any) -> None:
         line = f"# {key} = (set, hidden)"
     else:
         line = f"{key} = {json.dumps(to_jsonable_python(value))}"
-    out.print(line, markup=False, highlight=False)
+    out.print(Text(line), soft_wrap=True)
 
 
 def main() -> None:

@@ -45,3 +45,11 @@ def test_run_prints_the_answer_the_tool_result_and_the_trace_verbatim(tmp_path: 
     trace = llmos("log", "1")
     assert trace.returncode == 0, trace.stderr
     assert json.dumps(text) in trace.stdout  # the write_file call's arguments, as journaled
+
+
+def test_config_show_prints_values_verbatim(monkeypatch: pytest.MonkeyPatch) -> None:
+    value = "thumbs :thumbs_up: and [red]"
+    monkeypatch.setenv("LLMOS_LLM__MODEL", value)
+    shown = llmos("config", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert f"model = {json.dumps(value)}" in shown.stdout.splitlines()
