@@ -137,6 +137,7 @@ def test_ps_reads_a_journal_that_another_part_made_before_any_process_ran(llmos_
         (["log", "abc"], "Invalid value for 'pid': Input should be a valid integer"),
         (["resume", "abc"], "Invalid value for 'pid': Input should be a valid integer"),
         (["run", "--agent", "nosuch", "hi"], "No agent named 'nosuch'"),
+        (["run", "--max-steps", "0", "hi"], "Invalid value for '--max-steps': Input should be greater"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_usage_error(args: list[str], expected: str) -> None:
@@ -181,3 +182,9 @@ def test_a_local_model_without_the_local_extra_names_the_extra(tmp_path: Path) -
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in.parent), os.environ.get("PYTHONPATH")]))}
     line = one_sentence(llmos("run", "--model", "smollm2-135m-instruct", "hi", env=env), 1)
     assert "pip install 'llmos[local]'" in line and "smollm2-135m-instruct" in line
+
+
+def test_a_scripted_model_file_that_is_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "script.json"
+    line = one_sentence(llmos("run", "--model", f"scripted:{missing}", "hi"), 1)
+    assert f"Scripted model {missing} cannot be read (FileNotFoundError" in line

@@ -64,7 +64,7 @@ def run(
     task: Annotated[str, typer.Argument(help="What the agent should do.")],
     agent: Annotated[str, typer.Option(help=f"One of: {', '.join(AGENTS)}.")] = "coder",
     model: Annotated[str | None, typer.Option(help="Catalog name, .gguf path or openai:NAME.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many steps.")] = None,
 ) -> None:
     """Run an agent on a task, streaming its steps; exits non-zero if it fails."""
     config = load_config()

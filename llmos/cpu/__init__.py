@@ -40,7 +40,11 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
 
         from llmos.cpu.scripted import ScriptedLLM
 
-        return ScriptedLLM.from_file(Path(spec.removeprefix(SCRIPTED_PREFIX)))
+        script = Path(spec.removeprefix(SCRIPTED_PREFIX))
+        try:
+            return ScriptedLLM.from_file(script)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LLMError(f"Scripted model {script} cannot be read ({type(exc).__name__}: {exc}).") from None
     if spec.startswith(OPENAI_PREFIX) or config.llm.base_url:
         # Imported here: the openai client costs time to import and local runs do not need it.
         from llmos.cpu.openai import OpenAIBackend
