@@ -29,9 +29,9 @@ import llama_cpp
 from llama_cpp import Llama
 
 from llmos.config import load_config
-from llmos.cpu.base import ChatRequest, Message
 from llmos.cpu.llamacpp import LlamaCppBackend
 from llmos.cpu.models import ModelManager
+from llmos.kernel.devices import ChatRequest, Message
 
 N_CTX = 2048
 PROMPT = "Write a long, detailed story about a robot who learns to paint. Use many paragraphs."

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmos import Kernel
 from llmos.agents.agent import run_agent
-from llmos.agents.catalog import CODER, default_tools
+from llmos.agents.catalog import CODER
 from llmos.config import load_config
-from llmos.kernel import Kernel
 
 TASKS: list[tuple[str, str]] = [
     ("What is the sum of the squares of the integers from 1 to 20?", "2870"),
@@ -48,7 +48,6 @@ async def main(model: str | None) -> dict[str, float | int | str]:
         solved = tokens = 0
         started = time.monotonic()
         async with Kernel(config) as kernel:
-            kernel.tools.register(*default_tools())
             await kernel.llm()
             for task, expected in TASKS:
                 t0 = time.monotonic()

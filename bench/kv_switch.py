@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.config import load_config
-from llmos.cpu.base import ChatRequest, Message
 from llmos.cpu.llamacpp import LlamaCppBackend
 from llmos.cpu.models import ModelManager
+from llmos.kernel.devices import ChatRequest, Message
 
 WEATHER = ["dry", "wet", "windy"]
 TOPICS = ["a lighthouse keeper", "a bakery", "a mountain railway", "a river delta", "a chess club", "a comet"]

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from llmos.config import Config, MemoryConfig, load_config
-from llmos.cpu.base import Message, ToolCall
 from llmos.cpu.models import ModelManager
+from llmos.kernel.devices import Message, ToolCall
 from llmos.memory.context import ContextBudget, ContextWindow, message_text
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore, NewRecord

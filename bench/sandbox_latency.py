@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from llmos.config import Config, SandboxConfig, load_config
-from llmos.tools.sandbox import open_sandbox
-from llmos.tools.sandbox.dockerd import ManagedDockerd, engine_answers
-from llmos.tools.sandbox.image import CONTENT_LABEL, build_image, docker_host_of, extend_image, image_labels
+from llmos.sandbox import open_sandbox
+from llmos.sandbox.dockerd import ManagedDockerd, engine_answers
+from llmos.sandbox.image import CONTENT_LABEL, build_image, docker_host_of, extend_image, image_labels
 
 CODE = "print(1+1)"
 AUTOGEN_IMAGE = "llmos-sandbox-autogen-bench:latest"
@@ -82,7 +82,7 @@ async def bench_llmos(
             await sandbox.aclose()
     figures: dict[str, Any] = {"cold": summary(colds), "warm": summary(warms)}
     if backend == "docker":
-        from llmos.tools.sandbox.docker import DockerSandbox
+        from llmos.sandbox.docker import DockerSandbox
 
         pooled: list[float] = []
         sandbox = open_sandbox(config(2))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel import Budget, Kernel, Process
+from llmos.kernel import Budget, Process
 
 CALLS = 5000
 

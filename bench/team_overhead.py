@@ -28,11 +28,12 @@ from autogen_core.models import ChatCompletionClient, CreateResult, LLMMessage, 
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
+from llmos import Kernel
 from llmos.agents.autogen import MemberSpec, TeamSpec, run_team, to_create_result, to_llmos_messages
 from llmos.config import load_config
-from llmos.cpu.base import ChatRequest, LLMBackend
 from llmos.cpu.scripted import ScriptedLLM
-from llmos.kernel import Kernel, State
+from llmos.kernel import State
+from llmos.kernel.devices import ChatRequest, LLMBackend
 
 TASK = "Write a Python function add(a, b) that returns the sum."
 MEMBERS = [

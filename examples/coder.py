@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.text import Text
 
 from llmos import Agent
-from llmos.agents.catalog import default_tools
 from llmos.agents.render import EventPrinter
 
 TASK = "What is the sum of all the prime numbers below 1000?"
@@ -18,8 +18,8 @@ TASK = "What is the sum of all the prime numbers below 1000?"
 
 def main(task: str) -> int:
     console = Console(highlight=False)
-    console.print(f"[bold]task:[/] {task}")
-    coder = Agent("coder", tools=default_tools()[:1])  # the python tool
+    console.print(Text.assemble(("task: ", "bold"), task))
+    coder = Agent("coder")  # its python tool is one of the kernel's built-in tools
     result = coder.run(task, on_event=EventPrinter(console, stream_text=False))
     console.print(f"[dim]{result.usage.tokens} tokens, {result.usage.tool_calls} tool calls[/]")
     if not result.ok:

@@ -28,7 +28,7 @@ async def ask(proc: Process, question: str) -> str:
         ],
         max_tokens=120,
     )
-    return str(reply.unwrap()["text"])
+    return str(reply.unwrap().text)
 
 
 def stream(kind: str, data: dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ import asyncio
 import sys
 from typing import Any
 
+from llmos import Kernel
 from llmos.agents.autogen import MemberSpec, TeamSpec, run_team
-from llmos.kernel import Kernel, State
+from llmos.kernel import State
 
 TASK = (
     "Write a Python function is_palindrome(text: str) -> bool that ignores case and spaces. "

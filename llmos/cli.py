@@ -18,18 +18,18 @@ from rich.text import Text
 
 from llmos.agents import cli as agent_cli
 from llmos.config import Config, ConfigError, config_file_path, load_config
-from llmos.cpu.base import LLMError
 from llmos.cpu.cli import app as models_app
+from llmos.kernel.devices import LLMError
 from llmos.kernel.journal import Journal
 from llmos.kernel.kernel import KernelError, boot_alive
 from llmos.kernel.policy import Approvals
 from llmos.kernel.process import ProcessInfo, State
 from llmos.kernel.trace import doing_now, short, trace_lines
+from llmos.kernel.workspace import disk_use
 from llmos.memory.cli import app as memory_app
 from llmos.memory.store import MemoryStoreError
+from llmos.sandbox.cli import app as sandbox_app
 from llmos.shell import cli as shell_cli
-from llmos.tools.sandbox.base import disk_use
-from llmos.tools.sandbox.cli import app as sandbox_app
 
 app = typer.Typer(help="llmos: an operating system whose CPU is a language model.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

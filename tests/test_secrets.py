@@ -18,13 +18,14 @@ from aiohttp import web
 from loopback import free_port
 from typer.testing import CliRunner
 
+from llmos import Kernel
 from llmos.cli import app
 from llmos.config import ConfigError, load_config
 from llmos.cpu import LLMError, open_backend
-from llmos.cpu.base import ChatRequest, Message
 from llmos.cpu.openai import OpenAIBackend
 from llmos.cpu.pool import ServerPool
-from llmos.kernel import Kernel, Process
+from llmos.kernel import Process
+from llmos.kernel.devices import ChatRequest, Message
 from llmos.tools import ToolContext, tool
 
 KEY = "sk-llmos-test-9c41d2e7b3"

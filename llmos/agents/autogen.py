@@ -54,9 +54,9 @@ from autogen_core.tools import BaseTool, ToolSchema
 from autogen_core.tools import Tool as AutoGenTool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmos.cpu.base import ChatResult, LLMBackend, Message, ToolCall, ToolSpec
+from llmos.kernel.devices import ChatResult, Message, Tool, ToolCall, ToolResult, ToolSpec
+from llmos.kernel.devices import ModelInfo as LLMModelInfo
 from llmos.kernel.process import Budget, Process, ProcessInfo
-from llmos.tools.registry import Tool, ToolResult
 
 if TYPE_CHECKING:
     from llmos.kernel.kernel import Kernel
@@ -208,13 +208,13 @@ class KernelChatClient(ChatCompletionClient):
         proc: Process,
         model: str | None = None,
         *,
-        backend: LLMBackend | None = None,
+        info: LLMModelInfo | None = None,
         max_tokens: int | None = None,
         temperature: float = 0.0,
     ) -> None:
         self._proc = proc
         self._model = model
-        self._backend = backend
+        self._info = info
         self._max_tokens = max_tokens
         self._temperature = temperature
         self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
@@ -226,15 +226,15 @@ class KernelChatClient(ChatCompletionClient):
 
     @classmethod
     async def open(cls, proc: Process, model: str | None = None, **options: Any) -> KernelChatClient:
-        """A client with the backend of `model` loaded, so model_info is the backend's."""
-        return cls(proc, model, backend=await proc.kernel.llm(model), **options)
+        """A client that knows its model (llm.info), so model_info is the backend's."""
+        return cls(proc, model, info=(await proc.syscall("llm.info", model=model)).unwrap(), **options)
 
     @property
     def process(self) -> Process:
         return self._proc
 
     def _who(self) -> str:
-        return f"process {self._proc.pid} ({self._proc.info.name})"
+        return f"process {self._proc.pid} ({self._proc.name})"
 
     # -- calls
 
@@ -271,7 +271,7 @@ class KernelChatClient(ChatCompletionClient):
                 if kind == "text":
                     chunks.put_nowait(str(data.get("text", "")))
 
-            self._proc.listeners.append(listen)
+            stop_listening = self._proc.listen(listen)
             call = asyncio.ensure_future(self._chat(args, cancellation_token))
             streamed: list[str] = []
             try:
@@ -296,8 +296,7 @@ class KernelChatClient(ChatCompletionClient):
                         yield rest
                 yield result
             finally:
-                with contextlib.suppress(ValueError):
-                    self._proc.listeners.remove(listen)
+                stop_listening()
                 if not call.done():
                     call.cancel()
                     with contextlib.suppress(BaseException):
@@ -337,7 +336,7 @@ class KernelChatClient(ChatCompletionClient):
         if not reply.ok:
             assert reply.error is not None
             raise LLMCallFailed(f"llm.chat of {self._who()} failed: {reply.error.message}")
-        result = to_create_result(ChatResult.model_validate(reply.value))
+        result = to_create_result(reply.value)
         self._last_usage = result.usage
         self._usage = _add(self._usage, result.usage)
         return result
@@ -367,8 +366,8 @@ class KernelChatClient(ChatCompletionClient):
         if self._stopped is not None:
             raise ProcessStopped(f"The model client of {self._who()} is stopped: {self._stopped}.")
         if self._proc.finished.is_set():
-            info = self._proc.info
-            raise ProcessStopped(f"{self._who()} has ended ({info.state.value}); it makes no more calls.")
+            state = self._proc.state.value
+            raise ProcessStopped(f"{self._who()} has ended ({state}); it makes no more calls.")
 
     def stop(self, reason: str) -> None:
         """Refuse further calls and abandon the one in flight (it raises `ProcessStopped`)."""
@@ -386,10 +385,11 @@ class KernelChatClient(ChatCompletionClient):
     def total_usage(self) -> RequestUsage:
         return self._usage
 
-    def _count(self, text: str) -> int:
-        if self._backend is not None:
-            return self._backend.count_tokens(text)
-        return len(text) // 4 + 1  # a rough estimate until the backend is known; no tokenizer download
+    @staticmethod
+    def _count(text: str) -> int:
+        # AutoGen asks synchronously; a syscall is asynchronous. An estimate, as AutoGen's own
+        # clients make one (without their tokenizer download); the charged counts are the backend's.
+        return len(text) // 4 + 1
 
     def count_tokens(
         self, messages: Sequence[LLMMessage], *, tools: Sequence[AutoGenTool | ToolSchema] = []
@@ -404,7 +404,7 @@ class KernelChatClient(ChatCompletionClient):
     def remaining_tokens(
         self, messages: Sequence[LLMMessage], *, tools: Sequence[AutoGenTool | ToolSchema] = []
     ) -> int:
-        context = self._backend.info.context_length if self._backend is not None else 4096
+        context = self._info.context_length if self._info is not None else 4096
         return max(0, context - self.count_tokens(messages, tools=tools))
 
     @property
@@ -416,7 +416,7 @@ class KernelChatClient(ChatCompletionClient):
 
     @property
     def model_info(self) -> ModelInfo:
-        info = self._backend.info if self._backend is not None else None
+        info = self._info
         structured = info.structured_output if info is not None else True
         return ModelInfo(
             vision=False,  # llmos messages carry text only
@@ -444,23 +444,23 @@ class ToolCallFailed(RuntimeError):
 class KernelTool(BaseTool[BaseModel, BaseModel]):
     """An llmos tool as an AutoGen tool: running it is a `tool.call` syscall of `proc`."""
 
-    def __init__(self, tool: Tool, proc: Process) -> None:
+    def __init__(self, spec: ToolSpec, proc: Process) -> None:
         super().__init__(
-            args_type=tool.args_model or _AnyArgs,
+            args_type=_AnyArgs,
             return_type=str,  # type: ignore[arg-type]  # AutoGen accepts str; its generic bound says BaseModel
-            name=tool.name,
-            description=tool.description,
+            name=spec.name,
+            description=spec.description,
         )
-        self._tool = tool
+        self._spec = spec
         self._proc = proc
 
     @property
     def schema(self) -> ToolSchema:
         # The llmos schema as is: simplified for small models, and the one the kernel validates.
         return ToolSchema(
-            name=self._tool.name,
-            description=self._tool.description,
-            parameters=self._tool.parameters,  # type: ignore[typeddict-item]
+            name=self._spec.name,
+            description=self._spec.description,
+            parameters=self._spec.parameters,  # type: ignore[typeddict-item]
         )
 
     async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> Any:
@@ -472,11 +472,11 @@ class KernelTool(BaseTool[BaseModel, BaseModel]):
         # Raw arguments straight to the kernel: it validates them and explains mistakes to the model.
         if self._proc.finished.is_set():
             raise ProcessStopped(f"process {self._proc.pid} has ended; tool '{self.name}' was not run.")
-        reply = await self._proc.syscall("tool.call", name=self._tool.name, arguments=dict(args))
+        reply = await self._proc.syscall("tool.call", name=self._spec.name, arguments=dict(args))
         if not reply.ok:
             assert reply.error is not None
             raise ToolCallFailed(reply.error.message)
-        result = ToolResult.model_validate(reply.value)
+        result: ToolResult = reply.value
         if not result.ok:
             raise ToolCallFailed(result.error or "the tool failed")
         return result.render()
@@ -485,9 +485,9 @@ class KernelTool(BaseTool[BaseModel, BaseModel]):
         return str(value)
 
 
-def to_autogen_tool(tool: Tool, proc: Process) -> KernelTool:
+def to_autogen_tool(tool: Tool | ToolSpec, proc: Process) -> KernelTool:
     """`tool` for an AutoGen agent, its calls made (and charged) as process `proc`."""
-    return KernelTool(tool, proc)
+    return KernelTool(tool if isinstance(tool, ToolSpec) else tool.spec(), proc)
 
 
 # --- teams as processes -----------------------------------------------------------------------------
@@ -560,19 +560,18 @@ class TeamResult(BaseModel):
     message_usage: dict[str, int]
 
 
-def _live(kernel: Kernel, pid: int) -> Process:
-    proc = kernel.live_process(pid)
-    if proc is None:
-        raise MemberDied(f"Process {pid} ended before its team could use it.")
-    return proc
+def _member(team: Process, pid: int) -> Process:
+    try:
+        return team.child(pid)
+    except LookupError:
+        raise MemberDied(f"Process {pid} ended before its team could use it.") from None
 
 
-async def team_member(proc: Process, name: str) -> dict[str, Any]:
+async def team_member(proc: Process, name: str, team: int) -> dict[str, Any]:
     """A team member's process. The team's AutoGen agent `name` makes its model and tool calls as
     this process (so they are charged to it); the process itself says it is ready, then waits
-    for its team to say stop."""
-    parent = proc.info.ppid
-    assert parent is not None, "a team member is spawned by its team"
+    for its team (process `team`) to say stop."""
+    parent = team
     (await proc.syscall("msg.send", to=parent, body={"ready": name})).unwrap()
     (await proc.syscall("msg.wait", sender=parent)).unwrap()
     return {"member": name}
@@ -592,20 +591,21 @@ def _build_team(
     spec: TeamSpec,
     team: Process,
     members: list[Process],
-    backends: dict[str | None, LLMBackend],
+    models: dict[str | None, LLMModelInfo],
+    tools: dict[str, ToolSpec],
 ) -> tuple[Team, list[KernelChatClient]]:
     clients: list[KernelChatClient] = []
     agents: list[ChatAgent] = []
     for member, proc in zip(spec.members, members, strict=True):
         model = member.model or spec.model
-        client = KernelChatClient(proc, model, backend=backends[model], max_tokens=spec.max_tokens)
+        client = KernelChatClient(proc, model, info=models[model], max_tokens=spec.max_tokens)
         clients.append(client)
-        tools = [to_autogen_tool(team.kernel.tools.get(name), proc) for name in member.tools]
+        member_tools = [to_autogen_tool(tools[name], proc) for name in member.tools]
         agents.append(
             AssistantAgent(
                 member.name,
                 model_client=client,
-                tools=list(tools) or None,
+                tools=list(member_tools) or None,
                 handoffs=list(member.handoffs) or None,
                 description=member.description,
                 system_message=member.system_message,
@@ -621,7 +621,7 @@ def _build_team(
     if spec.kind == "swarm":
         return Swarm(agents, termination_condition=termination, max_turns=spec.max_turns), clients
     selector = KernelChatClient(
-        team, spec.model, backend=backends[spec.model], max_tokens=spec.selector_max_tokens
+        team, spec.model, info=models[spec.model], max_tokens=spec.selector_max_tokens
     )
     clients.append(selector)
     options: dict[str, Any] = {"selector_prompt": spec.selector_prompt} if spec.selector_prompt else {}
@@ -659,16 +659,16 @@ async def _consume(proc: Process, team: Team, task: str) -> tuple[TaskResult, li
 async def team_program(proc: Process, spec: dict[str, Any], task: str) -> dict[str, Any]:
     """Run the AutoGen team `spec` (a `TeamSpec` as JSON) on `task`; return a `TeamResult` as JSON."""
     team_spec = TeamSpec.model_validate(spec)
-    for member in team_spec.members:
-        for name in member.tools:
-            if name not in proc.kernel.tools:
-                raise TeamSpecError(
-                    f"Member {member.name!r} names tool {name!r}, which this kernel does not have; "
-                    "register it with kernel.tools.register(...)."
-                )
+    names = sorted({name for member in team_spec.members for name in member.tools})
+    listed = await proc.syscall("tool.list", names=names)
+    if listed.error is not None:
+        raise TeamSpecError(
+            f"{listed.error.message} Register a member's tools with kernel.tools.register(...)."
+        )
+    tools: dict[str, ToolSpec] = {spec.name: spec for spec in listed.value}
+    # Known up front: model_info must be the backend's when AutoGen reads it.
     models = {team_spec.model, *(m.model or team_spec.model for m in team_spec.members)}
-    # Loaded up front: model_info and token counts must be the backend's when AutoGen reads them.
-    backends = {model: await proc.kernel.llm(model) for model in models}
+    infos = {model: (await proc.syscall("llm.info", model=model)).unwrap() for model in models}
 
     pids: dict[str, int] = {}
     try:
@@ -677,15 +677,15 @@ async def team_program(proc: Process, spec: dict[str, Any], task: str) -> dict[s
                 "proc.spawn",
                 program=MEMBER_PROGRAM,
                 name=member.name,
-                args={"name": member.name},
+                args={"name": member.name, "team": proc.pid},
                 capabilities=member.capabilities,
                 budget=member.budget.model_dump() if member.budget else None,
             )
             pids[member.name] = reply.unwrap()
         for pid in pids.values():  # ready: their own first syscalls come before any made for them
             (await proc.syscall("msg.wait", sender=pid)).unwrap()
-        members = [_live(proc.kernel, pid) for pid in pids.values()]
-        team, clients = _build_team(team_spec, proc, members, backends)
+        members = [_member(proc, pid) for pid in pids.values()]
+        team, clients = _build_team(team_spec, proc, members, infos, tools)
         result, messages = await _run_guarded(proc, team, task, clients, members)
     except asyncio.CancelledError:
         await _stop_members(proc, pids, cancelled=True)
@@ -731,26 +731,26 @@ async def _run_guarded(
         dead = [member for member in members if member.finished.is_set()]
         if not dead:
             raise
-        if proc.stop_reason is not None:
+        if proc.stopping is not None:
             # The kernel is killing the team and has killed its members first: wait for our own
             # cancellation, so the team ends `killed` like its members.
             await asyncio.Event().wait()
-        names = ", ".join(f"{m.info.name} (pid {m.pid}, {m.info.state.value})" for m in dead)
+        names = ", ".join(f"{m.name} (pid {m.pid}, {m.state.value})" for m in dead)
         raise MemberDied(f"Team member {names} ended while the team ran: {exc}") from None
 
 
 async def _stop_members(proc: Process, pids: dict[str, int], *, cancelled: bool) -> None:
     """Let members end with their team: told to stop when it finished, killed when it was stopped."""
-    if cancelled and proc.stop_reason is None:
+    if cancelled and proc.stopping is None:
         return  # the kernel is shutting down: members are interrupted with the team, to resume
     for pid in pids.values():
-        live = proc.kernel.live_process(pid)
-        if live is None or live.finished.is_set():
-            continue
+        try:
+            member = proc.child(pid)
+        except LookupError:
+            continue  # it has ended
         if cancelled:
-            # Not a syscall: a team stopped by its wall-time budget has every syscall refused.
-            await proc.kernel.kill(pid)
-        else:
+            await proc.syscall("proc.kill", pid=pid)
+        elif not member.finished.is_set():
             await proc.syscall("msg.send", to=pid, body={"stop": True})
             await proc.syscall("proc.wait", pid=pid)
 

@@ -1,12 +1,8 @@
-"""The named agents `llmos run --agent NAME` knows, and the tools every kernel offers them."""
+"""The named agents `llmos run --agent NAME` knows (their tools are the kernel's built-in ones)."""
 
 from __future__ import annotations
 
 from llmos.agents.agent import AgentSpec
-from llmos.tools.files import file_tools
-from llmos.tools.memory import memory_tools
-from llmos.tools.python import python
-from llmos.tools.registry import Tool
 
 CODER = AgentSpec(
     name="coder",
@@ -41,10 +37,6 @@ RESEARCHER = AgentSpec(
 )
 
 AGENTS: dict[str, AgentSpec] = {agent.name: agent for agent in (CODER, ASSISTANT, RESEARCHER)}
-
-
-def default_tools() -> list[Tool]:
-    return [python, *file_tools(), *memory_tools()]
 
 
 def agent_spec(name: str) -> AgentSpec:

@@ -12,11 +12,12 @@ from rich.console import Console
 from rich.text import Text
 
 from llmos.agents.agent import run_agent
-from llmos.agents.catalog import AGENTS, agent_spec, default_tools
+from llmos.agents.catalog import AGENTS, agent_spec
 from llmos.agents.render import EventPrinter
+from llmos.boot import Kernel
 from llmos.config import load_config
-from llmos.cpu.base import LLMError
-from llmos.kernel import Kernel, KernelError, ProcessInfo, State
+from llmos.kernel import KernelError, ProcessInfo, State
+from llmos.kernel.devices import LLMError
 from llmos.kernel.journal import Journal
 
 out = Console()
@@ -77,7 +78,6 @@ def run(
 
     async def main() -> ProcessInfo:
         async with Kernel(config) as kernel:
-            kernel.tools.register(*default_tools())
             await _load_model(kernel, spec.model)
             pid = await kernel.spawn(
                 run_agent, name=spec.name, args={"spec": spec.model_dump(), "task": task}
@@ -101,7 +101,6 @@ def resume(pid: Annotated[int, typer.Argument(help="An interrupted process, from
 
     async def main() -> ProcessInfo:
         async with Kernel(config) as kernel:
-            kernel.tools.register(*default_tools())
             info = kernel.process(pid)
             if info.state != State.INTERRUPTED:  # still running under another kernel
                 raise KernelError(_not_resumable(pid, info.state))

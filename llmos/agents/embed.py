@@ -21,11 +21,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmos.agents.agent import AgentSpec, run_agent
-from llmos.agents.catalog import AGENTS, default_tools
+from llmos.agents.catalog import AGENTS
+from llmos.boot import Kernel
 from llmos.config import Config, load_config
-from llmos.kernel import Budget, Kernel, State
+from llmos.kernel import Budget, State
 from llmos.kernel.process import Usage
-from llmos.tools.registry import Tool
+from llmos.tools import Tool, builtin_tools
 
 EventListener = Callable[[str, dict[str, Any]], None]
 
@@ -82,7 +83,7 @@ class Agent:
                 return await self.arun(task, kernel=own, on_event=on_event)
         # The agent's own tools, then the built-in ones it names (python, files, memory) that the
         # kernel does not offer yet: a named agent works the same on any kernel.
-        built_in = {tool.name: tool for tool in default_tools()}
+        built_in = {tool.name: tool for tool in builtin_tools()}
         for name in self.spec.tools:
             tool = next((t for t in self.tools if t.name == name), None) or built_in.get(name)
             if tool is not None and name not in kernel.tools:

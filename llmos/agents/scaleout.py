@@ -81,7 +81,7 @@ async def answer(proc: Process, prompt: str, max_tokens: int) -> str:
     reply = await proc.syscall(
         "llm.chat", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
     )
-    return str(reply.unwrap()["text"])
+    return str(reply.unwrap().text)
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -129,8 +129,8 @@ class JobAgent(RoutedAgent):
 async def serve_worker(name: str, host_address: str) -> None:
     """Run one worker until SIGTERM/SIGINT: its kernel and memory come from the config
     (LLMOS_HOME, LLMOS_LLM__MODEL, LLMOS_MEMORY__CHROMA_URL)."""
+    from llmos.boot import Kernel
     from llmos.config import load_config
-    from llmos.kernel import Kernel
     from llmos.memory.store import MemoryStore
 
     config = load_config()

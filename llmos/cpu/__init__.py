@@ -4,20 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmos.cpu.base import (
-    ChatRequest,
-    ChatResult,
-    FinishReason,
-    LLMBackend,
-    LLMError,
-    Message,
-    ModelInfo,
-    TextCallback,
-    TokenLogprob,
-    ToolCall,
-    ToolSpec,
-    Usage,
-)
+from llmos.kernel.devices import LLMBackend, LLMError
 
 if TYPE_CHECKING:
     from llmos.config import Config
@@ -93,20 +80,3 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
         kv_cache_mb=config.llm.kv_cache_mb,
         prefix_cache_mb=config.llm.prefix_cache_mb,
     )
-
-
-__all__ = [
-    "ChatRequest",
-    "ChatResult",
-    "FinishReason",
-    "LLMBackend",
-    "LLMError",
-    "Message",
-    "ModelInfo",
-    "TextCallback",
-    "TokenLogprob",
-    "ToolCall",
-    "ToolSpec",
-    "Usage",
-    "open_backend",
-]

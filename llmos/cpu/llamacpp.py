@@ -6,7 +6,7 @@ What this backend adds on top of the library:
   it and driven by one worker thread, so the event loop stays free and calls never interleave.
 - Prompt-prefix reuse: the conversation is rendered with the model's chat template and tokenized;
   only the tokens after the longest prefix already in the KV cache are evaluated. A multi-turn
-  conversation never re-evaluates its history (`Usage.reused_prompt_tokens` says how much was saved).
+  conversation never re-evaluates its history (`TokenUsage.reused_prompt_tokens` says how much was saved).
 - Per-session KV snapshots: when the model switches from session A to session B, A's KV state is
   written to a file (`llama_state_save_file`, ~10 ms per 1,000 tokens); when A comes back it is
   loaded instead of prefilling A's history again. Snapshot files live under `kv_dir` within an LRU
@@ -47,18 +47,6 @@ import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from llmos.cpu.base import (
-    ChatRequest,
-    ChatResult,
-    FinishReason,
-    LLMError,
-    Message,
-    ModelInfo,
-    TextCallback,
-    TokenLogprob,
-    ToolCall,
-    Usage,
-)
 from llmos.cpu.toolcalls import (
     MAX_REPAIRS,
     OutputInvalid,
@@ -67,6 +55,18 @@ from llmos.cpu.toolcalls import (
     parse_output,
     prompt_messages,
     repair_request,
+)
+from llmos.kernel.devices import (
+    ChatRequest,
+    ChatResult,
+    FinishReason,
+    LLMError,
+    Message,
+    ModelInfo,
+    TextCallback,
+    TokenLogprob,
+    TokenUsage,
+    ToolCall,
 )
 
 # Used when the GGUF carries no chat template; SmolLM2 and Qwen2.5 both speak ChatML.
@@ -354,7 +354,7 @@ def _log_softmax_at(logits: np.ndarray[Any, np.dtype[np.float32]], token: int) -
 class _Attempt:
     text: str = ""
     finish_reason: FinishReason = "stop"
-    usage: Usage = field(default_factory=Usage)
+    usage: TokenUsage = field(default_factory=TokenUsage)
     logprobs: list[TokenLogprob] | None = None
     first_token_at: float | None = None
 
@@ -538,7 +538,7 @@ class LlamaCppBackend:
                 return self._result(attempt, attempt.text, [], attempt.usage, started)
             grammar = self._grammar(schema)
             messages = prompt_messages(request)
-            usage = Usage()
+            usage = TokenUsage()
             for repair in range(MAX_REPAIRS + 1):
                 attempt = self._generate(messages, request, grammar, None, cancel)
                 usage += attempt.usage
@@ -563,7 +563,7 @@ class LlamaCppBackend:
             raise AssertionError("unreachable: the repair loop always returns")
 
     def _result(
-        self, attempt: _Attempt, text: str, calls: list[ToolCall], usage: Usage, started: float
+        self, attempt: _Attempt, text: str, calls: list[ToolCall], usage: TokenUsage, started: float
     ) -> ChatResult:
         ttft = None if attempt.first_token_at is None else attempt.first_token_at - started
         return ChatResult(
@@ -612,7 +612,7 @@ class LlamaCppBackend:
         if request.max_tokens is not None:
             budget = min(budget, request.max_tokens)
 
-        attempt = _Attempt(usage=Usage(prompt_tokens=len(prompt), reused_prompt_tokens=reused))
+        attempt = _Attempt(usage=TokenUsage(prompt_tokens=len(prompt), reused_prompt_tokens=reused))
         attempt.logprobs = [] if request.logprobs else None
         stops = [s for s in request.stop if s]
         longest_stop = max((len(s) for s in stops), default=0)

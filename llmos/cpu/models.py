@@ -41,7 +41,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llmos.cpu.base import LLMError
+from llmos.kernel.devices import LLMError
 
 CHUNK = 1 << 20
 HUB_PROBE_TIMEOUT_S = 3.0

@@ -29,7 +29,8 @@ from openai.types.chat import ChatCompletionChunk
 from pydantic import SecretStr
 
 from llmos.cpu import toolcalls
-from llmos.cpu.base import (
+from llmos.cpu.toolcalls import MAX_REPAIRS
+from llmos.kernel.devices import (
     ChatRequest,
     ChatResult,
     FinishReason,
@@ -38,10 +39,9 @@ from llmos.cpu.base import (
     ModelInfo,
     TextCallback,
     TokenLogprob,
+    TokenUsage,
     ToolCall,
-    Usage,
 )
-from llmos.cpu.toolcalls import MAX_REPAIRS
 
 T = TypeVar("T")
 
@@ -64,7 +64,7 @@ class _Attempt:
         self.text = ""
         self.tool_calls: list[ToolCall] = []
         self.finish_reason: str | None = None
-        self.usage: Usage | None = None
+        self.usage: TokenUsage | None = None
         self.logprobs: list[TokenLogprob] | None = None
         self.pieces = 0
         self.started = time.perf_counter()
@@ -245,10 +245,10 @@ class OpenAIBackend:
         """Ask for JSON matching the schema, with up to MAX_REPAIRS retries that show the model what
         was wrong. Text goes to `on_text` once parsed, as one piece: raw JSON is not worth watching."""
         messages = self._messages(request)
-        usage = Usage()
+        usage = TokenUsage()
         for repair in range(MAX_REPAIRS + 1):
             attempt = await self._send_constrained(request, messages)
-            usage += attempt.usage or Usage()
+            usage += attempt.usage or TokenUsage()
             try:
                 text, calls = toolcalls.parse_output(attempt.text, request)
             except toolcalls.OutputInvalid as exc:
@@ -315,7 +315,7 @@ class OpenAIBackend:
         response = await self._client.chat.completions.create(**body)
         attempt = _Attempt()
         if response.usage is not None:
-            attempt.usage = Usage(
+            attempt.usage = TokenUsage(
                 prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens
             )
         if not response.choices:
@@ -343,7 +343,7 @@ class OpenAIBackend:
         async with stream:
             async for chunk in stream:
                 if chunk.usage is not None:
-                    attempt.usage = Usage(
+                    attempt.usage = TokenUsage(
                         prompt_tokens=chunk.usage.prompt_tokens,
                         completion_tokens=chunk.usage.completion_tokens,
                     )
@@ -381,7 +381,7 @@ class OpenAIBackend:
             prompt_count, completion_count = await asyncio.to_thread(
                 lambda: (self.count_tokens(prompt), self.count_tokens(attempt.text))
             )
-            attempt.usage = Usage(
+            attempt.usage = TokenUsage(
                 # The chat template adds a few tokens around each message.
                 prompt_tokens=prompt_count + TEMPLATE_TOKENS_PER_MESSAGE * len(messages),
                 completion_tokens=completion_count,
@@ -396,7 +396,7 @@ class OpenAIBackend:
             text=text,
             tool_calls=calls,
             finish_reason=finish,
-            usage=attempt.usage or Usage(),
+            usage=attempt.usage or TokenUsage(),
             model=self.model,
             backend=self.name,
             logprobs=attempt.logprobs,

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmos.cpu.base import ChatRequest, ChatResult, LLMError, ModelInfo, TextCallback
 from llmos.cpu.openai import OpenAIBackend
+from llmos.kernel.devices import ChatRequest, ChatResult, LLMError, ModelInfo, TextCallback
 
 RECHECK_AFTER_S = 10.0  # how long a failed server is left out before it is tried again
 HEALTH_TIMEOUT_S = 2.0

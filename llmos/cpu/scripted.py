@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from llmos.cpu.base import ChatRequest, ChatResult, ModelInfo, TextCallback, ToolCall, Usage
+from llmos.kernel.devices import ChatRequest, ChatResult, ModelInfo, TextCallback, TokenUsage, ToolCall
 
 ScriptedReply = str | ChatResult | Callable[[ChatRequest], str | ChatResult]
 
@@ -86,7 +86,7 @@ class ScriptedLLM:
         prompt = sum(self.count_tokens(message.content) for message in request.messages)
         result = result.model_copy(
             update={
-                "usage": Usage(prompt_tokens=prompt, completion_tokens=self.count_tokens(result.text)),
+                "usage": TokenUsage(prompt_tokens=prompt, completion_tokens=self.count_tokens(result.text)),
                 "backend": self.name,
                 "model": self.name,
             }

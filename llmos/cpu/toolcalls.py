@@ -20,7 +20,7 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]  # no stubs installed
 
-from llmos.cpu.base import ChatRequest, LLMError, Message, ToolCall, ToolSpec
+from llmos.kernel.devices import ChatRequest, LLMError, Message, ToolCall, ToolSpec
 
 ANSWER_KEY = "answer"
 # Retries of a constrained answer that does not parse, each shown what was wrong (both backends).

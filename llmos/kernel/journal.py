@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS processes (
     state TEXT NOT NULL, capabilities TEXT NOT NULL, budget TEXT NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0, boot_id TEXT NOT NULL,
     created_at REAL NOT NULL, run_started_at REAL, ended_at REAL,
-    wall_time_s REAL NOT NULL DEFAULT 0, result TEXT, error TEXT
+    wall_time_s REAL NOT NULL DEFAULT 0, result TEXT, error TEXT,
+    tainted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,7 +40,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_result_per_syscall ON events(pid, seq) WHE
 CREATE INDEX IF NOT EXISTS events_by_pid ON events(pid, id);
 """
 
-EventKind = Literal["call", "result", "state"]
+EventKind = Literal["call", "result", "state", "taint"]
 
 
 class JournalEvent(BaseModel):
@@ -72,6 +73,9 @@ class Journal:
         self.db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(processes)")}
+        if "tainted" not in columns:  # a journal from before taint was journaled
+            self.db.execute("ALTER TABLE processes ADD COLUMN tainted INTEGER NOT NULL DEFAULT 0")
 
     @classmethod
     def open_read_only(cls, path: Path) -> Journal | None:
@@ -99,7 +103,7 @@ class Journal:
     def create_process(self, info: ProcessInfo, boot_id: str) -> int:
         cursor = self.db.execute(
             "INSERT INTO processes (ppid, name, program, args, state, capabilities, budget, priority,"
-            " boot_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " boot_id, created_at, tainted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 info.ppid,
                 info.name,
@@ -111,6 +115,7 @@ class Journal:
                 info.priority,
                 boot_id,
                 info.created_at,
+                info.tainted,
             ),
         )
         assert cursor.lastrowid is not None
@@ -131,6 +136,13 @@ class Journal:
             self._append(
                 pid, "state", None, None, json.dumps({"state": state.value, "error": fields.get("error")})
             )
+
+    def set_tainted(self, pid: int, seq: int, name: str) -> None:
+        """Process `pid` read untrusted data in syscall #seq: from now on it is tainted."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE processes SET tainted = 1 WHERE pid = ?", (pid,))
+            self._append(pid, "taint", seq, name, "{}")
 
     def record_call(self, pid: int, seq: int, name: str, args_json: str) -> None:
         self._append(pid, "call", seq, name, f'{{"args": {args_json}}}')
@@ -172,7 +184,7 @@ class Journal:
         callers that only need state, parent or wall time pass `with_usage=False`."""
         query = (
             "SELECT pid, ppid, name, program, args, state, capabilities, budget, priority, created_at,"
-            f" ended_at, wall_time_s, result, error FROM processes {where} ORDER BY pid"
+            f" ended_at, wall_time_s, result, error, tainted FROM processes {where} ORDER BY pid"
         )
         rows = self.db.execute(query, params).fetchall()
         usage = self.usage_by_pid([row[0] for row in rows]) if with_usage else {}
@@ -197,6 +209,7 @@ class Journal:
                     usage=process_usage,
                     result=json.loads(row[12]) if row[12] is not None else None,
                     error=row[13],
+                    tainted=bool(row[14]),
                 )
             )
         return infos
@@ -256,7 +269,8 @@ class Journal:
     def undelivered_messages(self, pid: int) -> list[dict[str, Any]]:
         """Messages sent to `pid` (journaled sends) that its journaled receives have not taken."""
         sent = self.db.execute(
-            """SELECT json_extract(r.data, '$.reply.value'), c.pid, c.data, c.ts
+            """SELECT json_extract(r.data, '$.reply.value.id'), json_extract(r.data, '$.reply.value.tainted'),
+                      c.pid, c.data, c.ts
                FROM events c JOIN events r ON r.pid = c.pid AND r.seq = c.seq AND r.kind = 'result'
                WHERE c.kind = 'call' AND c.name = 'msg.send' AND json_extract(c.data, '$.args.to') = ?
                  AND json_extract(r.data, '$.reply.ok') ORDER BY c.id""",
@@ -271,8 +285,14 @@ class Journal:
             )
         }
         return [
-            {"id": id_, "sender": sender, "body": json.loads(call)["args"]["body"], "sent_at": ts}
-            for id_, sender, call, ts in sent
+            {
+                "id": id_,
+                "sender": sender,
+                "body": json.loads(call)["args"]["body"],
+                "sent_at": ts,
+                "tainted": bool(tainted),
+            }
+            for id_, tainted, sender, call, ts in sent
             if id_ not in taken
         ]
 

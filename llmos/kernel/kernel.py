@@ -22,34 +22,41 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from llmos.config import Config, load_config
-from llmos.cpu.base import LLMBackend
+from llmos.kernel.devices import (
+    Devices,
+    LLMBackend,
+    Memory,
+    Sandbox,
+    ToolContext,
+    ToolResult,
+    Tools,
+    UnknownTool,
+)
 from llmos.kernel.journal import Journal, JournalEvent
 from llmos.kernel.mailbox import Mailboxes
 from llmos.kernel.policy import Approval, Approvals, decide
 from llmos.kernel.process import (
     Budget,
     Charge,
+    Cover,
+    LiveProcess,
     Process,
     ProcessInfo,
-    Program,
     State,
     budget_owner,
     exhausted,
 )
+from llmos.kernel.program import ErrorCode, Program, Reply
 from llmos.kernel.scheduler import Scheduler
-from llmos.kernel.syscalls import TABLE, ErrorCode, HandlerError, Outcome, Reply, Syscall
-from llmos.tools.registry import ToolContext, ToolRegistry, ToolResult, UnknownTool
-
-if TYPE_CHECKING:
-    from llmos.memory.store import MemoryStore
-    from llmos.tools.sandbox.base import Sandbox
+from llmos.kernel.syscalls import TABLE, Action, HandlerError, Outcome, Syscall
 
 log = logging.getLogger("llmos.kernel")
 T = TypeVar("T")
@@ -115,32 +122,36 @@ def _first_error(exc: ValidationError) -> str:
 
 
 class Kernel:
+    """The kernel of its `devices` (llmos.boot builds them from the config: `llmos.Kernel`)."""
+
     def __init__(
         self,
         config: Config | None = None,
         *,
-        llm: LLMBackend | None = None,
-        tools: ToolRegistry | None = None,
-        sandbox: Sandbox | None = None,
+        devices: Devices,
         secrets: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config or load_config()
-        self.tools = tools or ToolRegistry()
+        self.devices = devices
         self.secrets = dict(secrets or {})  # injected into tool calls, never shown to a model
         self.scheduler = Scheduler()
         self._closing_sessions: set[asyncio.Task[None]] = set()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self._backends: dict[str | None, LLMBackend] = {None: llm} if llm else {}
-        self._sandbox = sandbox
-        self._memory: MemoryStore | None = None
+        self._backends: dict[str | None, LLMBackend] = {}
+        self._sandbox: Sandbox | None = None
+        self._memory: Memory | None = None
         self._device_lock = asyncio.Lock()
-        self._live: dict[int, Process] = {}
+        self._live: dict[int, LiveProcess] = {}
         self.mailboxes: Mailboxes
         self.approvals: Approvals
         self._journal: Journal | None = None
         self._lock_file: IO[str] | None = None
         self.boot_id = uuid.uuid4().hex[:12]
         self._portal: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+
+    @property
+    def tools(self) -> Tools:
+        return self.devices.tools
 
     # --- boot and shutdown ----------------------------------------------------------------------
 
@@ -200,7 +211,7 @@ class Kernel:
             (self.run_dir / f"{self.boot_id}.lock").unlink(missing_ok=True)
             self._lock_file = None
 
-    async def __aenter__(self) -> Kernel:
+    async def __aenter__(self) -> Self:
         await self.boot()
         return self
 
@@ -272,13 +283,21 @@ class Kernel:
             capabilities=capabilities,
             budget=budget or Budget.model_validate(self.config.budget.model_dump()),
             priority=priority,
+            # What a tainted parent passes on (its arguments) may carry an attacker's words.
+            tainted=parent_info is not None and parent_info.tainted,
         )
         info.pid = self.journal.create_process(info, self.boot_id)
         self._start(info, fn, replay={})
         return info.pid
 
     def _start(self, info: ProcessInfo, fn: Program, replay: dict[int, dict[str, Any]]) -> None:
-        proc = Process(self, info, replay)
+        proc = LiveProcess(info, replay)
+        proc.handle = Process(
+            proc,
+            dispatch=partial(self.dispatch, proc),
+            emit=partial(self._emit, proc),
+            child=partial(self._child_handle, proc),
+        )
         for usage in self.journal.usage_by_pid(self._descendants(info.pid)).values():
             proc.tree_usage.add_usage(usage)  # a resumed process's children consumed this already
         self._live[info.pid] = proc
@@ -286,11 +305,11 @@ class Kernel:
         info.state = State.RUNNING
         proc.task = asyncio.create_task(self._run(proc, fn), name=f"llmos-pid-{info.pid}")
 
-    async def _run(self, proc: Process, fn: Program) -> None:
+    async def _run(self, proc: LiveProcess, fn: Program) -> None:
         state, result, error = State.DONE, None, None
         watchdog = self._arm_wall_clock(proc)
         try:
-            result = await fn(proc, **proc.info.args)
+            result = await fn(proc.handle, **proc.info.args)
         except asyncio.CancelledError:
             state, error = proc.stop_reason or (State.INTERRUPTED, None)
         except Exception as exc:
@@ -319,9 +338,19 @@ class Kernel:
             self._closing_sessions.add(closing)
             closing.add_done_callback(self._closing_sessions.discard)
         proc.finished.set()
-        proc.emit("state", {"state": state.value, "error": error})
+        self._emit(proc, "state", {"state": state.value, "error": error})
 
-    def _arm_wall_clock(self, proc: Process) -> asyncio.TimerHandle | None:
+    def _emit(self, proc: LiveProcess, kind: str, data: dict[str, Any]) -> None:
+        for listener in [*proc.listeners, *self.listeners]:
+            listener(kind, {"pid": proc.pid, **data})
+
+    def _child_handle(self, parent: LiveProcess, pid: int) -> Process:
+        child = self._live.get(pid)
+        if child is None or not self.is_descendant(pid, of=parent.pid):
+            raise LookupError(f"Process {pid} is not a running descendant of process {parent.pid}.")
+        return child.handle
+
+    def _arm_wall_clock(self, proc: LiveProcess) -> asyncio.TimerHandle | None:
         limit = proc.info.budget.wall_time_s
         if limit is None:
             return None
@@ -330,7 +359,7 @@ class Kernel:
             max(0.0, limit - proc.wall_time()), self._stop, proc, State.FAILED, reason
         )
 
-    def _stop(self, proc: Process, state: State, reason: str, force: bool = False) -> None:
+    def _stop(self, proc: LiveProcess, state: State, reason: str, force: bool = False) -> None:
         if proc.task is not None and not proc.task.done():
             if force or proc.stop_reason is None:
                 proc.stop_reason = (state, reason)
@@ -399,10 +428,6 @@ class Kernel:
         self._start(info, fn, replay=self.journal.completed_results(pid))
         return pid
 
-    def live_process(self, pid: int) -> Process | None:
-        """The running process `pid` of this kernel (for adapters that act on its behalf), or None."""
-        return self._live.get(pid)
-
     def process(self, pid: int) -> ProcessInfo:
         proc = self._live.get(pid)
         if proc is not None:
@@ -431,7 +456,7 @@ class Kernel:
 
     # --- syscalls ---------------------------------------------------------------------------------
 
-    async def dispatch(self, proc: Process, name: str, args: dict[str, Any]) -> Reply:
+    async def dispatch(self, proc: LiveProcess, name: str, args: dict[str, Any]) -> Reply:
         if proc.finished.is_set():
             raise KernelError(f"Process {proc.pid} has ended ({proc.info.state.value}): no more syscalls.")
         seq = proc.next_seq()
@@ -444,8 +469,9 @@ class Kernel:
                     f"on resume, syscall #{seq} was {name} but the journal recorded {journaled['name']} "
                     "with other arguments: the program must make the same calls when replayed"
                 )
-            reply = Reply.model_validate(journaled["reply"])
-            self._note_untrusted(proc, name, reply)
+            proc.skip_to(journaled.get("last_seq", seq))  # its nested syscalls are replayed with it
+            reply = _typed(name, Reply.model_validate(journaled["reply"]))
+            self._note_trust(proc, seq, name, reply)
             return reply
         syscall = TABLE.get(name)
         if syscall is not None and syscall.waits:
@@ -454,8 +480,10 @@ class Kernel:
         if syscall is None:
             reply, charge = Reply.fail(ErrorCode.UNKNOWN_SYSCALL, f"unknown syscall {name!r}"), None
         else:
-            reply, charge = await self._execute(proc, syscall, args)
+            reply, charge = await self._execute(proc, syscall, args, seq)
         result: dict[str, Any] = {"reply": reply.model_dump(mode="json"), "digest": digest}
+        if proc.last_seq != seq:  # the handler made syscalls of its own (a tool that runs code)
+            result["last_seq"] = proc.last_seq
         if charge is not None:
             result["charge"] = charge.model_dump(exclude_defaults=True)
             proc.info.usage.add(charge)
@@ -467,21 +495,18 @@ class Kernel:
             self.journal.record_result(proc.pid, seq, name, result)
         else:
             self.journal.record_call_and_result(proc.pid, seq, name, args_json, result)
-        self._note_untrusted(proc, name, reply)
+        self._note_trust(proc, seq, name, reply)
         return reply
 
-    @staticmethod
-    def _note_untrusted(proc: Process, name: str, reply: Reply) -> None:
-        if (
-            name == "tool.call"
-            and reply.ok
-            and isinstance(reply.value, dict)
-            and reply.value.get("untrusted")
-        ):
-            proc.tainted = True
+    def _note_trust(self, proc: LiveProcess, seq: int, name: str, reply: Reply) -> None:
+        """A process that got untrusted data is tainted from then on (an approval does not clear it)."""
+        if reply.untrusted and not proc.tainted:
+            proc.info.tainted = True
+            self.journal.set_tainted(proc.pid, seq, name)
+            self._emit(proc, "taint", {"seq": seq, "syscall": name})
 
     async def _execute(
-        self, proc: Process, syscall: Syscall, raw_args: dict[str, Any]
+        self, proc: LiveProcess, syscall: Syscall, raw_args: dict[str, Any], seq: int
     ) -> tuple[Reply, Charge | None]:
         try:
             args = syscall.args.model_validate(raw_args)
@@ -491,40 +516,73 @@ class Kernel:
             capability = (
                 syscall.capability(self, args) if callable(syscall.capability) else syscall.capability
             )
+            action = syscall.action(self, args) if syscall.action is not None else None
         except UnknownTool as exc:
             return Reply.fail(ErrorCode.NOT_FOUND, str(exc)), None
-        if capability is not None and not proc.info.allows(capability):
+        cover = proc.cover  # a risky call in flight that this syscall is made by
+        granted = cover is not None and capability is not None and cover.allows(capability)
+        if capability is not None and not proc.info.allows(capability) and not granted:
             message = f"process {proc.pid} ({proc.info.name}) lacks the capability {capability!r}"
             return Reply.fail(ErrorCode.DENIED, message), None
         reason = self._over_budget(proc, syscall)
         if reason is not None:
             return Reply.fail(ErrorCode.BUDGET, f"{syscall.name} refused: {reason}"), None
         try:
-            outcome: Outcome = await syscall.handler(self, proc, args)
+            if action is not None and cover is None:
+                await self._check_policy(proc, seq, action)
+                proc.cover = Cover(seq, action.grants)
+            try:
+                outcome: Outcome = await syscall.handler(self, proc, args)
+            finally:
+                if proc.cover is not None and proc.cover.seq == seq:
+                    proc.cover = None
         except HandlerError as exc:
             return Reply.fail(exc.code, str(exc)), None
         except (KernelError, TimeoutError) as exc:
             return Reply.fail(ErrorCode.FAILED, str(exc) or type(exc).__name__), None
+        except UnknownTool as exc:
+            return Reply.fail(ErrorCode.NOT_FOUND, str(exc)), None
         except Exception as exc:  # a device failed: the process gets an error, the kernel goes on
             log.warning("syscall %s of process %s failed", syscall.name, proc.pid, exc_info=True)
             return Reply.fail(ErrorCode.FAILED, f"{type(exc).__name__}: {exc}"), None
-        return Reply(ok=True, value=outcome.value), outcome.charge
+        return Reply(ok=True, value=outcome.value, untrusted=outcome.untrusted), outcome.charge
 
-    def _over_budget(self, proc: Process, syscall: Syscall) -> str | None:
+    async def _check_policy(self, proc: LiveProcess, seq: int, action: Action) -> None:
+        """Allow, ask a person (the process blocks until one answers), or deny (HandlerError)."""
+        risk, what = action.risk.value, action.what
+        decision, reason = decide(self.config.policy, risk, after_untrusted=proc.tainted)
+        if decision == "deny":
+            raise HandlerError(ErrorCode.DENIED, f"the policy denies {risk} actions like {what} ({reason})")
+        if decision == "allow":
+            return
+        key = f"{proc.pid}:{seq}"
+        self.journal.set_state(proc.pid, State.BLOCKED)
+        proc.info.state = State.BLOCKED
+        self._emit(
+            proc, "approval", {"key": key, "tool": what, "arguments": action.arguments, "reason": reason}
+        )
+        approved = await self.approvals.ask(key, proc.pid, what, action.arguments, risk, reason)
+        self.journal.set_state(proc.pid, State.RUNNING)
+        proc.info.state = State.RUNNING
+        if not approved:
+            raise HandlerError(ErrorCode.DENIED, f"a person declined the call to {what}")
+
+    def _over_budget(self, proc: LiveProcess, syscall: Syscall) -> str | None:
         """Why a budget refuses the syscall, or None. A budget covers its process and everything
         that process spawned, like a cgroup: a child cannot spend what its parent may not."""
         proc.info.usage.wall_time_s = proc.tree_usage.wall_time_s = proc.wall_time()
         for holder in (proc, *self._ancestors(proc)):
-            wall = ("wall_time_s",) if holder is proc else ()  # each watchdog stops its own
-            reason = exhausted(holder.info.budget, holder.tree_usage, (*syscall.budgets, *wall))
+            # Each process's watchdog stops it at its own wall-time limit; an ancestor's is its own.
+            fields = syscall.budgets if holder is proc else [b for b in syscall.budgets if b != "wall_time_s"]
+            reason = exhausted(holder.info.budget, holder.tree_usage, fields)
             if reason is not None:
                 return reason + budget_owner(proc, holder)
         return None
 
-    def token_allowance(self, proc: Process) -> tuple[int, Process] | None:
+    def token_allowance(self, proc: LiveProcess) -> tuple[int, LiveProcess] | None:
         """The tokens `proc` may still spend and the process whose budget allows no more (itself
         or an ancestor), or None when no token budget is over it."""
-        tightest: tuple[int, Process] | None = None
+        tightest: tuple[int, LiveProcess] | None = None
         for holder in (proc, *self._ancestors(proc)):
             if holder.info.budget.tokens is not None:
                 left = max(0, holder.info.budget.tokens - holder.tree_usage.tokens)
@@ -532,9 +590,9 @@ class Kernel:
                     tightest = (left, holder)
         return tightest
 
-    def _ancestors(self, proc: Process) -> list[Process]:
+    def _ancestors(self, proc: LiveProcess) -> list[LiveProcess]:
         """The live processes above `proc`, parent first."""
-        found: list[Process] = []
+        found: list[LiveProcess] = []
         ppid = proc.info.ppid
         while ppid is not None and (parent := self._live.get(ppid)) is not None and parent not in found:
             found.append(parent)
@@ -553,32 +611,23 @@ class Kernel:
     # --- devices ------------------------------------------------------------------------------------
 
     async def llm(self, model: str | None = None) -> LLMBackend:
-        """The backend for `model` (None: the configured default), loaded once and kept."""
+        """The backend for `model` (None: the configured default), opened once and kept."""
         async with self._device_lock:
             if model not in self._backends:
-                from llmos.cpu import open_backend
-
-                self._backends[model] = await asyncio.to_thread(open_backend, self.config, model)
+                self._backends[model] = await self.devices.llm(model)
             return self._backends[model]
 
     async def sandbox(self) -> Sandbox:
         async with self._device_lock:
             if self._sandbox is None:
-                from llmos.tools.sandbox import open_sandbox
-
-                self._sandbox = await asyncio.to_thread(open_sandbox, self.config)
-                warm_up = getattr(self._sandbox, "warm_up", None)
-                if warm_up is not None:  # start pooled workers now, so the first session is warm
-                    await warm_up()
+                self._sandbox = await self.devices.sandbox()
             return self._sandbox
 
-    async def memory(self) -> MemoryStore:
+    async def memory(self) -> Memory:
         """Long-term memory: one owner per embedded store, so every process goes through this one."""
         async with self._device_lock:
             if self._memory is None:
-                from llmos.memory.store import MemoryStore
-
-                self._memory = await asyncio.to_thread(MemoryStore.open, self.config)
+                self._memory = await self.devices.memory()
             return self._memory
 
     def workspace(self, pid: int) -> Path:
@@ -591,33 +640,30 @@ class Kernel:
                 path.chmod(0o700)
         return path
 
-    async def call_tool(self, proc: Process, name: str, arguments: dict[str, Any] | str) -> ToolResult:
+    async def call_tool(self, proc: LiveProcess, name: str, arguments: dict[str, Any] | str) -> ToolResult:
         tool = self.tools.get(name)
-        decision, reason = decide(self.config.policy, tool.risk.value, after_untrusted=proc.tainted)
-        if decision == "deny":
-            raise HandlerError(
-                ErrorCode.DENIED, f"the policy denies {tool.risk.value} tools like {name} ({reason})"
-            )
-        if decision == "ask":
-            shown = arguments if isinstance(arguments, dict) else {"raw": arguments}
-            key = f"{proc.pid}:{proc.last_seq}"
-            self.journal.set_state(proc.pid, State.BLOCKED)
-            proc.info.state = State.BLOCKED
-            proc.emit("approval", {"key": key, "tool": name, "arguments": shown, "reason": reason})
-            approved = await self.approvals.ask(key, proc.pid, name, shown, tool.risk.value, reason)
-            self.journal.set_state(proc.pid, State.RUNNING)
-            proc.info.state = State.RUNNING
-            if not approved:
-                raise HandlerError(ErrorCode.DENIED, f"a person declined the call to {name}")
-            proc.tainted = False  # a person has looked at what the process is doing
         secrets = {k: v for k, v in self.secrets.items() if k in tool.secret_names}  # only its own
-        context = ToolContext(pid=proc.pid, workspace=self.workspace(proc.pid), secrets=secrets, process=proc)
-        result = await tool.invoke(arguments, context)
-        return result.without_secrets(secrets.values())  # before the journal and the model see it
+        context = ToolContext(
+            process=proc.handle,
+            workspace=self.workspace(proc.pid),
+            workspace_limit_bytes=self.config.sandbox.limits.workspace_mb * 1024 * 1024,
+            secrets=secrets,
+            untrusted=proc.tainted,
+        )
+        # Whatever the tool returns, a secret it was given reaches neither the journal nor the model.
+        return (await tool.invoke(arguments, context)).without_secrets(secrets.values())
 
     def approve(self, key: str, approve: bool = True) -> Approval:
         """Answer a pending approval (`llmos approvals` lists them); the blocked process goes on."""
         return self.approvals.answer(key, approve)
+
+
+def _typed(name: str, reply: Reply) -> Reply:
+    """A journaled reply with its value as the syscall's result model again."""
+    syscall = TABLE.get(name)
+    if syscall is not None and reply.ok:
+        reply.value = syscall.results.validate_python(reply.value)
+    return reply
 
 
 class SyncKernel:
@@ -631,7 +677,7 @@ class SyncKernel:
         return asyncio.run_coroutine_threadsafe(coro, self.kernel._portal[0]).result()
 
     @property
-    def tools(self) -> ToolRegistry:
+    def tools(self) -> Tools:
         return self.kernel.tools
 
     @property

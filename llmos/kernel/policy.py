@@ -32,12 +32,18 @@ POLL_S = 0.25  # an answer may come from another OS process (`llmos approve`)
 ApprovalState = Literal["pending", "approved", "denied"]
 
 
+# What an injected instruction could do harm with: every risk class but reading. (A network call
+# with side effects, an HTTP POST or DELETE, is a WRITE; a GET is NETWORK.)
+AFTER_UNTRUSTED = frozenset({"write", "execute", "irreversible"})
+
+
 def decide(policy: PolicyConfig, risk: str, after_untrusted: bool) -> tuple[Decision, str]:
-    """The decision for a tool of this risk class, and the reason a person would be shown."""
+    """The decision for an action of this risk class, and the reason a person would be shown."""
     decision: Decision = getattr(policy, risk)
     reason = f"policy.{risk} = {decision}"
-    if after_untrusted and risk in ("execute", "irreversible") and decision == "allow":
-        decision, reason = policy.after_untrusted, "it follows untrusted content from a tool"
+    if after_untrusted and risk in AFTER_UNTRUSTED and decision == "allow":
+        decision = policy.after_untrusted
+        reason = "the process has read untrusted data (a web page, an API, a tainted process's output)"
     return decision, reason
 
 

@@ -1,21 +1,19 @@
-"""Processes: what the kernel knows about each agent run, and the handle a program holds."""
+"""Processes: what the kernel knows about each agent run (the program's handle is program.Process)."""
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from llmos.config import Budget as Budget  # re-exported: part of the process model
-
-if TYPE_CHECKING:
-    from llmos.kernel.kernel import Kernel
-    from llmos.kernel.syscalls import Reply
+from llmos.kernel.program import Dispatch, ErrorCode, Reply
 
 
 class State(StrEnum):
@@ -108,25 +106,36 @@ class ProcessInfo(BaseModel):
     ended_at: float | None = None
     result: Any = None
     error: str | None = None
+    # It read untrusted data, or was spawned by a process that had: see LiveProcess.tainted.
+    tainted: bool = False
 
     def allows(self, capability: str) -> bool:
         return any(fnmatch.fnmatchcase(capability, pattern) for pattern in self.capabilities)
 
 
-Program = Callable[..., Awaitable[Any]]
+@dataclass(frozen=True)
+class Cover:
+    """A risky call in flight: the policy decided on it once, so the syscalls it makes itself (the
+    python tool's sandbox.exec) are not asked about again, and may use the capabilities it grants."""
+
+    seq: int
+    grants: frozenset[str]
+
+    def allows(self, capability: str) -> bool:
+        return any(fnmatch.fnmatchcase(capability, pattern) for pattern in self.grants)
 
 
-class Process:
-    """The live side of a process: what its program holds to make syscalls.
+Listener = Callable[[str, dict[str, Any]], None]
 
-    A program is `async def main(proc: Process, **args) -> result`. It acts on the world
-    only through `await proc.syscall(name, **args)`, which is what makes it checkable,
-    chargeable and resumable.
-    """
 
-    def __init__(self, kernel: Kernel, info: ProcessInfo, replay: dict[int, dict[str, Any]]) -> None:
-        self.kernel = kernel
+class LiveProcess:
+    """The kernel's side of a running process: its row of the process table, its task, what it
+    and its descendants consumed, its taint, and the journaled results a resume replays. Its
+    program sees only `handle` (a `Process`: syscall and emit)."""
+
+    def __init__(self, info: ProcessInfo, replay: dict[int, dict[str, Any]]) -> None:
         self.info = info
+        self.handle: Process  # what its program holds; the kernel binds its syscalls to it
         self.task: asyncio.Task[Any] | None = None
         self.finished = asyncio.Event()
         # Why the task was cancelled: (state, error). None means the kernel shut down under it.
@@ -136,17 +145,28 @@ class Process:
         # What this process and all its descendants consumed: what its budget is checked against.
         self.tree_usage = info.usage.model_copy()
         self._next_seq = 0
-        self.tainted = False  # a tool returned untrusted content since a person last approved
         self._replay = replay  # journaled results by syscall number: returned, not re-executed
-        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.listeners: list[Listener] = []
+        # The risky call in flight (a tool call) whose decision covers the syscalls it makes.
+        self.cover: Cover | None = None
 
     @property
     def pid(self) -> int:
         return self.info.pid
 
+    @property
+    def tainted(self) -> bool:
+        """It read untrusted data (a web page, an API, a tainted process's message): what it
+        does next may be an attacker's instruction, and what it passes on carries the taint."""
+        return self.info.tainted
+
     def next_seq(self) -> int:
         self._next_seq += 1
         return self._next_seq
+
+    def skip_to(self, seq: int) -> None:
+        """Continue numbering after `seq`: a replayed call's nested syscalls are not made again."""
+        self._next_seq = max(self._next_seq, seq)
 
     @property
     def last_seq(self) -> int:
@@ -158,17 +178,84 @@ class Process:
     def wall_time(self) -> float:
         return self.wall_time_before + (time.monotonic() - self.started)
 
-    async def syscall(self, call: str, /, **args: Any) -> Reply:
-        return await self.kernel.dispatch(self, call, args)
 
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        """Tell whoever watches this process (CLI, shell, an embedding app) what just happened."""
-        for listener in [*self.listeners, *self.kernel.listeners]:
-            listener(kind, {"pid": self.pid, **data})
-
-
-def budget_owner(proc: Process, holder: Process) -> str:
+def budget_owner(proc: LiveProcess, holder: LiveProcess) -> str:
     """Names the budget's process when it is an ancestor's, to end a refusal with."""
     if holder is proc:
         return ""
     return f"; it is the budget of process {holder.pid} ({holder.info.name}), which covers this one"
+
+
+class Process:
+    """A program's handle on its process: `await proc.syscall(name, **args)` and `proc.emit(...)`.
+
+    It holds nothing of the kernel, so every action a program takes is a syscall the kernel
+    checks, charges and journals. `child(pid)` gives the handle of a live descendant, for a
+    program that acts as its children (an AutoGen team runs its members' agents in its own
+    task): the child's syscalls are checked against the child's capabilities and charged to it.
+    """
+
+    def __init__(
+        self, live: LiveProcess, *, dispatch: Dispatch, emit: Listener, child: Callable[[int], Process]
+    ) -> None:
+        self._live = live
+        self._dispatch = dispatch
+        self._emit = emit
+        self._child = child
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid} {self.name}>"
+
+    @property
+    def pid(self) -> int:
+        return self._live.info.pid
+
+    @property
+    def name(self) -> str:
+        return self._live.info.name
+
+    @property
+    def state(self) -> State:
+        return self._live.info.state
+
+    @property
+    def finished(self) -> asyncio.Event:
+        """Set when the process has ended."""
+        return self._live.finished
+
+    @property
+    def stopping(self) -> str | None:
+        """Why the kernel is stopping this process (killed, a budget used up), or None: not being
+        stopped, or stopped only because its kernel shuts down (then it resumes later)."""
+        return self._live.stop_reason[1] if self._live.stop_reason is not None else None
+
+    async def syscall(self, call: str, /, **args: Any) -> Reply:
+        return await self._dispatch(call, args)
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell whoever watches this process (CLI, shell, an embedding app) what just happened."""
+        self._emit(kind, data)
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Watch this process's events (the text its model calls stream, ...); returns the undo."""
+        self._live.listeners.append(listener)
+        return lambda: self._live.listeners.remove(listener) if listener in self._live.listeners else None
+
+    def child(self, pid: int) -> Process:
+        return self._child(pid)
+
+
+def detached(pid: int = 0, name: str = "detached") -> Process:
+    """A handle outside any kernel, for calling a tool directly (a test, a LangChain tool used on
+    its own): it emits to no one, and each syscall fails with one sentence saying why."""
+
+    async def refuse(call: str, args: dict[str, Any]) -> Reply:
+        return Reply.fail(
+            ErrorCode.FAILED, f"{call} needs a kernel: this was called outside a kernel process"
+        )
+
+    def no_child(child: int) -> Process:
+        raise LookupError(f"Process {child} is not a child of a detached handle.")
+
+    live = LiveProcess(ProcessInfo(pid=pid, name=name), {})
+    return Process(live, dispatch=refuse, emit=lambda kind, data: None, child=no_child)

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llmos.cpu.base import ChatRequest, LLMBackend, Message, ToolSpec
+from llmos.kernel.devices import ChatRequest, LLMBackend, Message, ToolSpec
 from llmos.memory.store import SHARED, MemoryHit, MemoryStore, NewRecord, Trust
 
 CountTokens = Callable[[str], int]

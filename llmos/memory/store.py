@@ -36,18 +36,26 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmos.config import Config
+from llmos.kernel.devices import (
+    SHARED,
+    MemoryHit,
+    MemoryRecord,
+    MetaValue,
+    NewRecord,
+    Provenance,
+    Trust,
+    namespace_for_agent,
+)
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 
-Trust = Literal["user", "model", "tool", "web"]
-MetaValue = str | int | float | bool
+__all__ = ["SHARED", "MemoryStore", "MemoryStoreError", "namespace_for_agent"]
 
 COLLECTION_PREFIX = "llmos-ns-"
-SHARED = "shared"
 # Keys the store owns in a record's chroma metadata; user metadata may not use them.
-RESERVED_KEYS = frozenset({"namespace", "source", "trust", "pid", "time"})
+RESERVED_KEYS = frozenset({"namespace", "source", "trust", "pid", "time", "tainted"})
 PAGE = 1000
 JOURNALED_BATCH = 8
 # Test hook for the crash test: SIGKILL this process after N journaled upsert batches.
@@ -62,45 +70,9 @@ class MemoryBusy(MemoryStoreError):
     """Another process owns the embedded store."""
 
 
-def namespace_for_agent(name: str) -> str:
-    return f"agent:{name}"
-
-
 def collection_name(namespace: str) -> str:
     """The chroma collection of a namespace (chroma names allow only [a-zA-Z0-9._-])."""
     return COLLECTION_PREFIX + hashlib.sha256(namespace.encode()).hexdigest()[:32]
-
-
-class Provenance(BaseModel):
-    pid: int | None = None
-    source: str
-    time: float
-    trust: Trust
-
-
-class NewRecord(BaseModel):
-    """A record to write; with an id it replaces the record of that id (upsert)."""
-
-    text: str
-    namespace: str
-    source: str
-    trust: Trust
-    pid: int | None = None
-    metadata: dict[str, MetaValue] = Field(default_factory=dict)
-    id: str | None = None
-
-
-class MemoryRecord(BaseModel):
-    id: str
-    text: str
-    namespace: str
-    provenance: Provenance
-    metadata: dict[str, MetaValue] = Field(default_factory=dict)
-
-
-class MemoryHit(MemoryRecord):
-    # Cosine similarity of query and record, 1.0 for the same meaning.
-    score: float
 
 
 class MemoryStats(BaseModel):
@@ -134,6 +106,8 @@ def _check_metadata(metadata: dict[str, Any]) -> dict[str, MetaValue]:
 def _to_chroma_meta(record: NewRecord, now: float) -> dict[str, MetaValue]:
     meta: dict[str, MetaValue] = _check_metadata(record.metadata)
     meta.update(namespace=record.namespace, source=record.source, trust=record.trust, time=now)
+    if record.tainted:
+        meta["tainted"] = True
     if record.pid is not None:
         meta["pid"] = record.pid
     return meta
@@ -147,6 +121,7 @@ def _from_chroma(record_id: str, text: str | None, meta: dict[str, Any] | None) 
         source=str(meta.pop("source", "")),
         time=float(meta.pop("time", 0.0)),
         trust=meta.pop("trust", "tool"),
+        tainted=bool(meta.pop("tainted", False)),
     )
     namespace = str(meta.pop("namespace", ""))
     return MemoryRecord(

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from llmos.agents.catalog import AGENTS, agent_spec, default_tools
+from llmos.agents.catalog import AGENTS, agent_spec
+from llmos.boot import Kernel
 from llmos.config import ConfigError, load_config
-from llmos.cpu.base import LLMError
-from llmos.kernel import Kernel
+from llmos.kernel.devices import LLMError
 from llmos.shell.repl import Shell
 
 
@@ -32,7 +32,6 @@ def shell(
 
     async def main() -> None:
         async with Kernel(config) as kernel:
-            kernel.tools.register(*default_tools())
             with console.status(Text(f"loading model {spec.model or config.llm.model}...")):
                 await kernel.llm(spec.model)
             await Shell(kernel, console, spec).run()

@@ -23,11 +23,12 @@ from rich.text import Text
 from llmos.agents.agent import AgentSpec, run_agent
 from llmos.agents.catalog import AGENTS, agent_spec
 from llmos.agents.render import EventPrinter
+from llmos.boot import Kernel
 from llmos.config import ConfigError
-from llmos.cpu.base import LLMError
-from llmos.kernel import Kernel, KernelError, State
+from llmos.kernel import KernelError, State
+from llmos.kernel.devices import SHARED, LLMError, namespace_for_agent
 from llmos.kernel.trace import doing_now, trace_lines
-from llmos.memory.store import SHARED, MemoryStoreError, namespace_for_agent
+from llmos.memory.store import MemoryStore, MemoryStoreError
 
 # name -> (how to type it, what it does); /help prints them, a command typed wrongly its own line.
 USAGE = {
@@ -297,6 +298,9 @@ class Shell:
     async def mem(self, args: list[str]) -> None:
         store = await self.kernel.memory()
         if not args:
+            if not isinstance(store, MemoryStore):
+                self.console.print(_error("This kernel's memory device keeps no statistics."))
+                return
             stats = await asyncio.to_thread(store.stats)
             self.console.print(Text(stats.model_dump_json(indent=2)))
             return

@@ -14,8 +14,9 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolError, tool
-from llmos.tools.sandbox.base import disk_use
+from llmos.kernel.devices import Risk, ToolContext
+from llmos.kernel.workspace import disk_use
+from llmos.tools.registry import Tool, ToolError, tool
 
 MAX_READ_CHARS = 100_000
 MAX_LIST_ENTRIES = 1_000
@@ -106,9 +107,9 @@ def write_file(path: str, content: str, ctx: ToolContext, append: bool = False) 
 
 def _check_room(ctx: ToolContext, target: Path, size: int, append: bool) -> None:
     """The sandbox's cap on the workspace (`sandbox.limits.workspace_mb`) holds for writes here too."""
-    if ctx.process is None:
+    limit = ctx.workspace_limit_bytes
+    if limit is None:
         return
-    limit = ctx.process.kernel.config.sandbox.limits.workspace_mb * 1024 * 1024
     replaced = 0 if append or not target.is_file() else target.stat().st_blocks * 512
     used = disk_use(ctx.workspace, stop_above=limit + replaced)
     if used - replaced + size > limit:

@@ -28,7 +28,8 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, model_validator
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolResult, safe_tool_name, simplify_schema
+from llmos.kernel.devices import Risk, ToolContext, ToolResult
+from llmos.tools.registry import Tool, safe_tool_name, simplify_schema
 
 READ_METHODS = ("get", "head", "options")
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")

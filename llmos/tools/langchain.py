@@ -17,12 +17,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from llmos.kernel.devices import Risk, ToolContext, ToolResult
+from llmos.kernel.process import Process, detached
 from llmos.tools.registry import (
-    Risk,
     Tool,
-    ToolContext,
     ToolError,
-    ToolResult,
     jsonable,
     safe_tool_name,
     simplify_schema,
@@ -64,13 +63,15 @@ def from_langchain(
     )
 
 
-def to_langchain(tool: Tool, *, process: Any = None, ctx: ToolContext | None = None) -> StructuredTool:
+def to_langchain(
+    tool: Tool, *, process: Process | None = None, ctx: ToolContext | None = None
+) -> StructuredTool:
     """A LangChain `StructuredTool` for an llmos tool.
 
     process: an llmos Process; calls then go through its `tool.call` syscall.
-    ctx: the context for direct calls (default: pid 0, the current directory as workspace).
+    ctx: the context for direct calls (default: a detached handle, the current directory as workspace).
     """
-    context = ctx or ToolContext(pid=0, workspace=Path.cwd())
+    context = ctx or ToolContext(process=detached(), workspace=Path.cwd())
 
     async def call(**kwargs: Any) -> Any:
         if process is not None:

@@ -34,7 +34,8 @@ from typing import Any, TextIO
 
 import anyio
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolResult, simplify_schema
+from llmos.kernel.devices import Risk, ToolContext, ToolResult
+from llmos.tools.registry import Tool, simplify_schema
 
 try:
     import mcp_types

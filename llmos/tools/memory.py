@@ -1,39 +1,38 @@
-"""Long-term memory tools for agents: `remember` a fact, `recall` what is stored, with its source."""
+"""Long-term memory tools for agents: `remember` a fact, `recall` what is stored, with its source.
+
+Both act through the process's memory syscalls (`mem.add`, `mem.search`): checked against the
+`memory` capability, journaled, and marked by the kernel with who wrote a record and whether that
+process had read untrusted data.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from llmos.tools.registry import Risk, Tool, ToolContext, ToolError, ToolResult, tool
+from llmos.kernel.devices import SHARED, MemoryHit, Risk, ToolContext, ToolResult, namespace_for_agent
+from llmos.tools.registry import Tool, ToolError, tool
 
 
-def _agent_namespace(ctx: ToolContext) -> str:
-    if ctx.process is None:
-        raise ToolError("memory tools run only inside a kernel process")
-    # Imported here: memory loads chromadb, which `import llmos` should not wait for.
-    from llmos.memory.store import namespace_for_agent
-
-    return namespace_for_agent(ctx.process.info.name)
-
-
-@tool(risk=Risk.WRITE)
+@tool(risk=Risk.WRITE, uses=["memory"])
 async def remember(text: str, ctx: ToolContext) -> dict[str, Any]:
     """Store a fact in long-term memory, to recall it later (also in later runs).
 
     Args:
         text: the fact, self-contained (say who or what it is about).
     """
-    namespace = _agent_namespace(ctx)
-    store = await ctx.process.kernel.memory()
-    source = f"process {ctx.pid}"
-    record_id = await asyncio.to_thread(
-        store.add, text, namespace=namespace, source=source, trust="model", pid=ctx.pid
-    )
-    return {"stored": record_id}
+    record = {
+        "text": text,
+        "namespace": namespace_for_agent(ctx.process.name),
+        "source": f"process {ctx.pid}",
+        "trust": "model",
+    }
+    reply = await ctx.process.syscall("mem.add", records=[record])
+    if reply.error is not None:
+        raise ToolError(reply.error.message)
+    return {"stored": reply.value[0]}
 
 
-@tool
+@tool(uses=["memory"])
 async def recall(query: str, ctx: ToolContext, k: int = 3) -> ToolResult:
     """Search long-term memory (your own and the shared one) for what matches the query in meaning.
 
@@ -41,15 +40,14 @@ async def recall(query: str, ctx: ToolContext, k: int = 3) -> ToolResult:
         query: what to look for, in words.
         k: how many records to return.
     """
-    from llmos.memory.store import SHARED
-
-    namespaces = [_agent_namespace(ctx), SHARED]
-    store = await ctx.process.kernel.memory()
-    hits = await asyncio.to_thread(store.search, query, namespaces=namespaces, k=max(1, min(k, 10)))
+    namespaces = [namespace_for_agent(ctx.process.name), SHARED]
+    reply = await ctx.process.syscall("mem.search", query=query, namespaces=namespaces, k=max(1, min(k, 10)))
+    if reply.error is not None:
+        raise ToolError(reply.error.message)
+    hits: list[MemoryHit] = reply.value
     found = [{"text": h.text, "source": h.provenance.source, "score": round(h.score, 3)} for h in hits]
-    # What came from tools or the web is data to read, not instructions to follow.
-    untrusted = any(h.provenance.trust in ("tool", "web") for h in hits)
-    return ToolResult(ok=True, content=found or "nothing found", untrusted=untrusted)
+    # What came from tools, the web or a tainted process is data to read, not instructions to follow.
+    return ToolResult(ok=True, content=found or "nothing found", untrusted=reply.untrusted)
 
 
 def memory_tools() -> list[Tool]:

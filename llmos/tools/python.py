@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmos.tools.registry import Risk, ToolContext, ToolResult, tool
+from llmos.kernel.devices import ExecResult, Risk, ToolContext, ToolResult
+from llmos.tools.registry import tool
 
 MAX_OBSERVATION_CHARS = 4000
 
 
-def observation(result: Any) -> dict[str, Any]:
+def observation(result: ExecResult) -> dict[str, Any]:
     """What the model sees of a sandbox run: output, value, error, and whether it was cut or timed out."""
     seen: dict[str, Any] = {}
     for key in ("stdout", "stderr", "value", "error"):
@@ -31,7 +32,7 @@ def observation(result: Any) -> dict[str, Any]:
     return seen
 
 
-@tool(name="python", risk=Risk.EXECUTE)
+@tool(name="python", risk=Risk.EXECUTE, uses=["sandbox"])
 async def python(code: str, ctx: ToolContext) -> ToolResult:
     """Run Python code in a sandbox and see its output. Variables persist between calls. print() what
     you want to see; the value of a final bare expression is shown too.
@@ -39,10 +40,9 @@ async def python(code: str, ctx: ToolContext) -> ToolResult:
     Args:
         code: the Python code to run.
     """
-    if ctx.process is None:
-        return ToolResult.failure("the python tool runs only inside a kernel process")
-    sandbox = await ctx.process.kernel.sandbox()
-    result = await sandbox.exec(str(ctx.pid), code)
-    return ToolResult(
-        ok=result.ok, content=observation(result), error=result.error, sandbox_cpu_s=result.cpu_s
-    )
+    reply = await ctx.process.syscall("sandbox.exec", code=code)
+    if reply.error is not None:
+        return ToolResult.failure(reply.error.message)
+    result: ExecResult = reply.value
+    # The sandbox's CPU time is charged by sandbox.exec itself, not again for this call.
+    return ToolResult(ok=result.ok, content=observation(result), error=result.error)

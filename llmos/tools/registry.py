@@ -11,108 +11,22 @@ elsewhere: MCP servers, OpenAPI operations).
 from __future__ import annotations
 
 import asyncio
-import difflib
 import inspect
 import json
 import re
 import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, overload
-from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
-from llmos.cpu.base import ToolSpec
-
-
-class Risk(StrEnum):
-    """How much harm a call can do; policy decides which risks need approval."""
-
-    READ = "read"
-    WRITE = "write"
-    NETWORK = "network"
-    EXECUTE = "execute"
-    IRREVERSIBLE = "irreversible"
-
-
-class ToolResult(BaseModel):
-    ok: bool
-    content: Any = None  # JSON-able
-    error: str | None = None
-    # Content came from outside (a web page, an API, another server): treat it as data, not orders.
-    untrusted: bool = False
-    sandbox_cpu_s: float = 0.0
-
-    @classmethod
-    def failure(cls, error: str, **extra: Any) -> ToolResult:
-        return cls(ok=False, error=error, **extra)
-
-    def without_secrets(self, secrets: Iterable[str]) -> ToolResult:
-        """This result with each secret, as is or URL-encoded, replaced by [redacted]: an exception
-        or a server's answer that quotes a key must not carry it to the model or the journal."""
-        forms = {form for secret in secrets if len(secret) >= 4 for form in _encodings(secret)}
-        if not forms:
-            return self
-        hidden = sorted(forms, key=len, reverse=True)  # longest first: a secret holding another goes whole
-        return self.model_copy(
-            update={"content": _redact(self.content, hidden), "error": _redact(self.error, hidden)}
-        )
-
-    def render(self) -> str:
-        """The text the model sees as the tool message."""
-        if not self.ok:
-            return f"error: {self.error}"
-        if isinstance(self.content, str):
-            return self.content
-        return json.dumps(self.content, ensure_ascii=False)
-
-
-REDACTED = "[redacted]"
-
-
-def _encodings(secret: str) -> set[str]:
-    return {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
-
-
-def _redact(value: Any, hidden: list[str]) -> Any:
-    if isinstance(value, str):
-        for secret in hidden:
-            value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, list):
-        return [_redact(item, hidden) for item in value]
-    if isinstance(value, dict):
-        return {_redact(str(key), hidden): _redact(item, hidden) for key, item in value.items()}
-    return value
-
-
-@dataclass
-class ToolContext:
-    """What the kernel hands a tool for one call."""
-
-    pid: int
-    workspace: Path
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
-    process: Any = None  # the llmos Process, for tools that need a device (process.kernel)
+from llmos.kernel.devices import Risk, ToolContext, ToolResult, ToolSpec, UnknownTool
 
 
 class ToolError(Exception):
     """Raise inside a tool to send the model this exact message (no exception type prefix)."""
-
-
-class UnknownTool(LookupError):
-    def __init__(self, name: str, available: Iterable[str]) -> None:
-        self.name = name
-        self.available = sorted(available)
-        close = difflib.get_close_matches(name, self.available, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        listing = ", ".join(self.available) or "none"
-        super().__init__(f"There is no tool named '{name}'.{hint} Available tools: {listing}.")
 
 
 Handler = Callable[[dict[str, Any], ToolContext], Awaitable[Any]]
@@ -138,6 +52,7 @@ class Tool:
         risk: Risk = Risk.READ,
         untrusted_output: bool = False,
         secrets: Iterable[str] = (),
+        uses: Iterable[str] = (),
     ) -> None:
         if (args_model is None) == (json_schema is None):
             raise TypeError(f"Tool '{name}' needs exactly one of args_model or json_schema.")
@@ -154,6 +69,8 @@ class Tool:
         self.untrusted_output = untrusted_output
         # the names of the secrets this tool needs: the kernel should pass it only these
         self.secret_names = frozenset(secrets)
+        # capabilities of the syscalls the tool makes itself: a caller of the tool may use them through it
+        self.uses = frozenset(uses)
         self._json_schema = json_schema
         self._validator: Any = None
 
@@ -264,6 +181,7 @@ def tool(
     risk: Risk = Risk.READ,
     untrusted_output: bool = False,
     secrets: Iterable[str] = (),
+    uses: Iterable[str] = (),
 ) -> Callable[[Callable[..., Any]], FunctionTool]: ...
 
 
@@ -277,13 +195,15 @@ def tool(
     risk: Risk = Risk.READ,
     untrusted_output: bool = False,
     secrets: Iterable[str] = (),
+    uses: Iterable[str] = (),
 ) -> FunctionTool | Callable[[Callable[..., Any]], FunctionTool]:
     """Make a tool from a typed function (sync or async); use as `@tool` or `@tool(risk=...)`.
 
     The argument schema comes from the type hints, and each argument's description from the
     docstring's `Args:` (Google) or `Parameters` (numpy) section. A parameter annotated
     `ToolContext` receives the call's context and is not shown to the model; `secrets` names
-    the entries of `ToolContext.secrets` the tool reads (API keys), which never enter a schema.
+    the entries of `ToolContext.secrets` the tool reads (API keys), which never enter a schema;
+    `uses` the capabilities of the syscalls it makes itself through `ctx.process` ("sandbox").
     """
 
     def make(fn: Callable[..., Any]) -> FunctionTool:
@@ -298,6 +218,7 @@ def tool(
             risk=risk,
             untrusted_output=untrusted_output,
             secrets=secrets,
+            uses=uses,
         )
 
     return make if fn is None else make(fn)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmos import Kernel
 from llmos.agents.agent import AgentSpec, run_agent
 from llmos.config import load_config
-from llmos.cpu.base import ChatResult, ToolCall
 from llmos.cpu.scripted import ScriptedLLM
-from llmos.kernel import Budget, Kernel, State
+from llmos.kernel import Budget, State
+from llmos.kernel.devices import ChatResult, ToolCall
 from llmos.tools.registry import tool
 
 
@@ -106,7 +107,7 @@ async def test_code_actions_run_in_the_sandbox_and_end_on_a_final_answer() -> No
 
 async def test_a_long_run_with_memory_stays_within_the_context_window() -> None:
     """60 steps through a 512-token window: every prompt fits; old turns are summarised and archived."""
-    from llmos.cpu.base import ChatRequest
+    from llmos.kernel.devices import ChatRequest
 
     steps = 60
 

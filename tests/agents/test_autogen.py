@@ -21,6 +21,7 @@ from autogen_core.models import (
 )
 from pydantic import ValidationError
 
+from llmos import Kernel
 from llmos.agents.autogen import (
     KernelChatClient,
     LLMCallFailed,
@@ -32,9 +33,9 @@ from llmos.agents.autogen import (
     to_autogen_tool,
 )
 from llmos.config import Config
-from llmos.cpu.base import ChatRequest, ChatResult, ToolCall
 from llmos.cpu.scripted import ScriptedLLM
-from llmos.kernel import Budget, Kernel, Process, State
+from llmos.kernel import Budget, Process, State
+from llmos.kernel.devices import ChatRequest, ChatResult, ToolCall
 from llmos.tools.registry import tool
 
 

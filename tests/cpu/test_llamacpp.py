@@ -13,7 +13,6 @@ import pytest
 from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
-from llmos.cpu.base import ChatRequest, ChatResult, LLMBackend, Message, ToolSpec
 from llmos.cpu.llamacpp import (
     ContextOverflowError,
     LlamaCppBackend,
@@ -21,6 +20,7 @@ from llmos.cpu.llamacpp import (
     UnsupportedSchemaError,
 )
 from llmos.cpu.toolcalls import ToolChoiceError
+from llmos.kernel.devices import ChatRequest, ChatResult, LLMBackend, Message, ToolSpec
 
 pytestmark = pytest.mark.slow
 

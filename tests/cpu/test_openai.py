@@ -15,8 +15,8 @@ from loopback import free_port, llama_server
 
 from llmos.config import Config, LLMConfig
 from llmos.cpu import LLMBackend, LLMError, open_backend
-from llmos.cpu.base import ChatRequest, Message, ToolSpec
 from llmos.cpu.openai import MAX_REPAIRS, OpenAIBackend
+from llmos.kernel.devices import ChatRequest, Message, ToolSpec
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmos.cpu.base import ChatRequest, Message, ToolCall, ToolSpec
 from llmos.cpu.toolcalls import (
     OutputInvalid,
     ToolChoiceError,
@@ -20,6 +19,7 @@ from llmos.cpu.toolcalls import (
     repair_request,
     tools_system_prompt,
 )
+from llmos.kernel.devices import ChatRequest, Message, ToolCall, ToolSpec
 
 WEATHER = ToolSpec(
     name="get_weather",

@@ -5,7 +5,7 @@ import sys
 
 from programs import append_line, three_appends
 
-from llmos.kernel import Kernel
+from llmos import Kernel
 
 
 async def main(path: str) -> None:

@@ -26,10 +26,10 @@ async def three_appends(proc: Process, path: str, pause_s: float) -> list[int]:
     counts = []
     for text in ("one", "two"):
         reply = await proc.syscall("tool.call", name="append_line", arguments={"path": path, "text": text})
-        counts.append(reply.unwrap()["content"])
+        counts.append(reply.unwrap().content)
     await proc.syscall("sleep", seconds=pause_s)
     reply = await proc.syscall("tool.call", name="append_line", arguments={"path": path, "text": "three"})
-    counts.append(reply.unwrap()["content"])
+    counts.append(reply.unwrap().content)
     return counts
 
 
@@ -50,7 +50,7 @@ async def ping_pong(proc: Process, rounds: int) -> list[int]:
     for number in range(rounds):
         (await proc.syscall("msg.send", to=child, body={"n": number})).unwrap()
         reply = (await proc.syscall("msg.wait", sender=child, timeout_s=30)).unwrap()
-        answers.append(reply["body"]["n"])
+        answers.append(reply.body["n"])
     (await proc.syscall("msg.send", to=child, body={"n": -1})).unwrap()
     await proc.syscall("proc.wait", pid=child)
     return answers
@@ -61,10 +61,10 @@ async def echo(proc: Process) -> int:
     handled = 0
     while True:
         message = (await proc.syscall("msg.wait")).unwrap()
-        if message["body"]["n"] < 0:
+        if message.body["n"] < 0:
             return handled
         handled += 1
-        await proc.syscall("msg.send", to=message["sender"], body={"n": message["body"]["n"] + 1})
+        await proc.syscall("msg.send", to=message.sender, body={"n": message.body["n"] + 1})
 
 
 async def inbox_reader(proc: Process, expected: int) -> list[str]:
@@ -72,7 +72,7 @@ async def inbox_reader(proc: Process, expected: int) -> list[str]:
     bodies = []
     while len(bodies) < expected:
         message = (await proc.syscall("msg.wait")).unwrap()
-        bodies.append(message["body"])
+        bodies.append(message.body)
     return bodies
 
 
@@ -110,7 +110,7 @@ async def risky(proc: Process) -> list[object]:
     outcomes = []
     for name, arguments in (("delete_everything", {"confirm": "yes"}), ("run_command", {"command": "ls"})):
         reply = await proc.syscall("tool.call", name=name, arguments=arguments)
-        outcomes.append(reply.value["content"] if reply.ok else reply.error.code)  # type: ignore[union-attr]
+        outcomes.append(reply.value.content if reply.ok else reply.error.code)  # type: ignore[union-attr]
     return outcomes
 
 
@@ -118,7 +118,7 @@ async def browse_then_run(proc: Process) -> list[object]:
     outcomes = []
     for name, arguments in (("fetch_page", {"url": "http://127.0.0.1/"}), ("run_command", {"command": "ls"})):
         reply = await proc.syscall("tool.call", name=name, arguments=arguments)
-        outcomes.append(reply.value["content"] if reply.ok else reply.error.code)  # type: ignore[union-attr]
+        outcomes.append(reply.value.content if reply.ok else reply.error.code)  # type: ignore[union-attr]
     return outcomes
 
 
@@ -138,7 +138,7 @@ async def parent_of_chatters(proc: Process, children: int, calls: int) -> list[l
         pids.append(
             (await proc.syscall("proc.spawn", program=f"{__name__}:chatter", args={"calls": calls})).unwrap()
         )
-    return [(await proc.syscall("proc.wait", pid=pid)).unwrap()["result"] for pid in pids]
+    return [(await proc.syscall("proc.wait", pid=pid)).unwrap().result for pid in pids]
 
 
 async def two_chatters_in_turn(proc: Process, calls: int) -> list[list[str]]:
@@ -148,6 +148,6 @@ async def two_chatters_in_turn(proc: Process, calls: int) -> list[list[str]]:
         child = (
             await proc.syscall("proc.spawn", program=f"{__name__}:chatter", args={"calls": calls})
         ).unwrap()
-        results.append((await proc.syscall("proc.wait", pid=child)).unwrap()["result"])
+        results.append((await proc.syscall("proc.wait", pid=child)).unwrap().result)
         await proc.syscall("sleep", seconds=0.5)
     return results

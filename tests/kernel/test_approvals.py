@@ -10,8 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from programs import browse_then_run, delete_everything, fetch_page, risky, run_command
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel import ErrorCode, Kernel, State
+from llmos.kernel import ErrorCode, State
 
 TOOLS = (delete_everything, fetch_page, run_command)
 

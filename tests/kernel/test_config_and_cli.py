@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from llmos import Kernel
 from llmos.cli import app
 from llmos.config import ConfigError, load_config
-from llmos.kernel import Kernel, Process
+from llmos.kernel import Process
 
 
 def test_defaults_work_offline_and_home_comes_from_the_environment(tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ from programs import (
     two_chatters_in_turn,
 )
 
+from llmos import Kernel
 from llmos.config import load_config
 from llmos.cpu.scripted import ScriptedLLM
-from llmos.kernel import Budget, ErrorCode, Kernel, KernelError, Process, State
+from llmos.kernel import Budget, ErrorCode, KernelError, Process, State
 
 
 def config(home: Path):  # type: ignore[no-untyped-def]

@@ -10,8 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from programs import inbox_reader, ping_pong
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel import ErrorCode, Kernel, Process, State
+from llmos.kernel import ErrorCode, Process, State
 
 
 async def test_two_processes_talk_through_mailboxes(llmos_home: Path) -> None:
@@ -33,7 +34,7 @@ async def test_recv_polls_and_bad_targets_are_errors(llmos_home: Path) -> None:
             timed_out.value,
             nobody.error and nobody.error.code,
             to_self.ok,
-            mine.value["body"],
+            mine.value.body,
         ]
 
     async with Kernel(load_config()) as kernel:

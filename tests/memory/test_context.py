@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config
-from llmos.cpu.base import ChatRequest, ChatResult, Message, ModelInfo, TextCallback, ToolCall
+from llmos.kernel.devices import ChatRequest, ChatResult, Message, ModelInfo, TextCallback, ToolCall
 from llmos.memory.context import MEMORY_TOOL_SPECS, ContextBudget, ContextError, ContextWindow, llm_summarizer
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore

@@ -19,7 +19,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, json, sys
     from llmos.config import load_config
-    from llmos.cpu.base import Message
+    from llmos.kernel.devices import Message
     from llmos.memory.context import ContextBudget, ContextWindow
     from llmos.memory.store import MemoryStore
 

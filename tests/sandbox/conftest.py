@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config, SandboxConfig, SandboxLimits
-from llmos.tools.sandbox import open_sandbox
-from llmos.tools.sandbox.base import Sandbox
+from llmos.sandbox import open_sandbox
+from llmos.sandbox.base import Sandbox
 
 BACKENDS = ["namespace", "subprocess", "docker"]
 
@@ -29,8 +29,8 @@ TEST_LIMITS = SandboxLimits(wall_time_s=5.0, cpu_s=5.0, memory_mb=128, pids=32, 
 def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private dockerd (no bridge, no iptables) with the sandbox image built offline."""
     try:
-        from llmos.tools.sandbox.dockerd import running_engine
-        from llmos.tools.sandbox.image import build_image
+        from llmos.sandbox.dockerd import running_engine
+        from llmos.sandbox.image import build_image
     except ImportError as exc:
         pytest.fail(f"the docker backend cannot be tested: {exc}")
     with running_engine(tmp_path_factory.mktemp("dockerd")) as host:

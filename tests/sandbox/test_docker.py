@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config, SandboxConfig, SandboxLimits
-from llmos.tools.sandbox.base import SandboxError
-from llmos.tools.sandbox.docker import DockerSandbox, docker_available, hardened_run_args
-from llmos.tools.sandbox.dockerd import ManagedDockerd
-from llmos.tools.sandbox.dockerd import main as dockerd_main
-from llmos.tools.sandbox.image import CONTENT_LABEL, build_image, image_labels
+from llmos.sandbox.base import SandboxError
+from llmos.sandbox.docker import DockerSandbox, docker_available, hardened_run_args
+from llmos.sandbox.dockerd import ManagedDockerd
+from llmos.sandbox.dockerd import main as dockerd_main
+from llmos.sandbox.image import CONTENT_LABEL, build_image, image_labels
 
 # The engine and image come from conftest's session-scoped `docker_host` fixture (a private dockerd
-# started with llmos.tools.sandbox.dockerd.running_engine, shared with the escape suite).
+# started with llmos.sandbox.dockerd.running_engine, shared with the escape suite).
 
 
 def make_config(home: Path, docker_host: str, **sandbox: object) -> Config:

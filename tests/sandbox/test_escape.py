@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import SandboxLimits
-from llmos.tools.sandbox.base import ExecResult, Sandbox
+from llmos.sandbox.base import ExecResult, Sandbox
 
 ESCAPED = "ESCAPED"
 

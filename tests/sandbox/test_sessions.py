@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from llmos.config import Config, SandboxConfig, SandboxLimits
-from llmos.tools.sandbox import SandboxError, SandboxUnavailable, open_sandbox
-from llmos.tools.sandbox.base import Sandbox
-from llmos.tools.sandbox.cli import app
-from llmos.tools.sandbox.namespace import NamespaceSandbox
-from llmos.tools.sandbox.subprocess import SubprocessSandbox
+from llmos.sandbox import SandboxError, SandboxUnavailable, open_sandbox
+from llmos.sandbox.base import Sandbox
+from llmos.sandbox.cli import app
+from llmos.sandbox.namespace import NamespaceSandbox
+from llmos.sandbox.subprocess import SubprocessSandbox
 
 
 async def test_variables_persist_between_calls(sandbox: Sandbox) -> None:

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel.kernel import Kernel
 from llmos.kernel.process import Process
 from llmos.tools import Risk, Tool, ToolContext
 from llmos.tools.http import OpenApiError, openapi_tools

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel.kernel import Kernel
 from llmos.kernel.process import Process
 from llmos.tools import tool
 from llmos.tools.files import file_tools

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel.kernel import Kernel
 from llmos.kernel.process import Process
 from llmos.tools import Risk, Tool, ToolContext, ToolRegistry
 from llmos.tools.mcp import McpServer, McpStartError

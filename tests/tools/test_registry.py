@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from llmos.cpu.base import ToolSpec
+from llmos.kernel.devices import ToolSpec
 from llmos.tools import Risk, Tool, ToolContext, ToolError, ToolRegistry, ToolResult, UnknownTool, tool
 from llmos.tools.registry import parse_docstring, simplify_schema
 

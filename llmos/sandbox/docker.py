@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from llmos.config import Config
-from llmos.tools.sandbox.base import (
+from llmos.sandbox.base import (
     HEADER,
     START_TIMEOUT_S,
     Limits,
@@ -42,8 +42,8 @@ from llmos.tools.sandbox.base import (
     worker_args,
     worker_source,
 )
-from llmos.tools.sandbox.dockerd import DockerdError, docker_command
-from llmos.tools.sandbox.image import docker_host_of, image_labels
+from llmos.sandbox.dockerd import DockerdError, docker_command
+from llmos.sandbox.image import docker_host_of, image_labels
 
 CONTAINER_WORKSPACE = "/workspace"
 CPUS = "1.0"  # one of the machine's cores at most, whatever the code does
@@ -71,7 +71,7 @@ def docker_available(config: Config) -> str | None:
         where = host or "the default socket"
         return (
             f"no Docker engine answers at {where} (start one with "
-            "`python -m llmos.tools.sandbox.dockerd start`, or set sandbox.docker_host)"
+            "`python -m llmos.sandbox.dockerd start`, or set sandbox.docker_host)"
         )
     if image_labels(config) is None:
         return (

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.text import Text
 
 from llmos.config import load_config
-from llmos.tools.sandbox.doctor import auto_choice, diagnose
+from llmos.sandbox.doctor import auto_choice, diagnose
 
 app = typer.Typer(help="Sandboxed Python backends", no_args_is_help=True)
 _out = Console(soft_wrap=True)  # fix commands stay on one line, copyable
@@ -44,8 +44,8 @@ def build_image_command(
     no_pull: bool = typer.Option(False, "--no-pull", help="Build offline without trying the registry first."),
 ) -> None:
     """Make the docker sandbox image: pull python:3.11-slim if a registry answers, else build it offline."""
-    from llmos.tools.sandbox.dockerd import DockerdError
-    from llmos.tools.sandbox.image import ImageBuildError, build_image
+    from llmos.sandbox.dockerd import DockerdError
+    from llmos.sandbox.image import ImageBuildError, build_image
 
     try:
         image = build_image(load_config(), progress=True, pull=not no_pull)

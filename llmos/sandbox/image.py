@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.config import Config
-from llmos.tools.sandbox.base import WORKER_PATH
-from llmos.tools.sandbox.dockerd import DockerdError, docker_command, engine_answers
+from llmos.sandbox.base import WORKER_PATH
+from llmos.sandbox.dockerd import DockerdError, docker_command, engine_answers
 
 PULL_IMAGE = "python:3.11-slim"
 PULL_TIMEOUT_S = 5.0
@@ -413,7 +413,7 @@ def build_image(config: Config, progress: bool = True, *, pull: bool = True) -> 
     if not engine_answers(host):
         raise ImageBuildError(
             f"No Docker engine answers at {host or 'the default socket'}; start one with "
-            "`python -m llmos.tools.sandbox.dockerd start` and set DOCKER_HOST (or sandbox.docker_host)."
+            "`python -m llmos.sandbox.dockerd start` and set DOCKER_HOST (or sandbox.docker_host)."
         )
     started = time.monotonic()
     try:

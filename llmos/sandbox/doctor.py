@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from llmos.config import Config
-from llmos.tools.sandbox.base import SandboxUnavailable, WorkerSandbox, _docker_reason
+from llmos.sandbox.base import SandboxUnavailable, WorkerSandbox, _docker_reason
 
 
 class BackendStatus(BaseModel):
@@ -36,7 +36,7 @@ def _round_trip(sandbox: WorkerSandbox) -> str | None:
 
 
 def _namespace(config: Config, home: Path) -> BackendStatus:
-    from llmos.tools.sandbox.namespace import Cgroup, NamespaceSandbox, namespace_available
+    from llmos.sandbox.namespace import Cgroup, NamespaceSandbox, namespace_available
 
     reason = namespace_available(config)
     if reason is None:
@@ -63,7 +63,7 @@ def _docker(config: Config) -> BackendStatus:
 
 
 def _subprocess(config: Config, home: Path) -> BackendStatus:
-    from llmos.tools.sandbox.subprocess import SubprocessSandbox
+    from llmos.sandbox.subprocess import SubprocessSandbox
 
     reason = _round_trip(SubprocessSandbox(config.model_copy(update={"home": home})))
     return BackendStatus(

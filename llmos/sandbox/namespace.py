@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmos.tools.sandbox.base import (
+from llmos.sandbox.base import (
     Limits,
     SandboxUnavailable,
     WorkerSandbox,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
 import struct
@@ -19,11 +18,11 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Self
 
 from llmos.config import SandboxLimits
+from llmos.kernel.devices import ExecResult
+from llmos.kernel.workspace import count_disk_use, disk_use
 
 if TYPE_CHECKING:
     from llmos.config import Config
@@ -38,45 +37,8 @@ SESSION_CPU_CALLS = 200
 # every 10 ms while a measurement is cheap; a workspace of many files is measured less often.
 QUOTA_POLL_S = 0.01
 QUOTA_POLL_SHARE = 0.05  # at most this share of one core spent measuring
-# Charged per file or directory on top of its blocks, so a flood of empty files counts too.
-ENTRY_BYTES = 512
 _MB = 1024 * 1024
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class ExecResult(BaseModel):
-    stdout: str = ""
-    stderr: str = ""
-    value: str | None = None  # repr of a final bare expression, REPL-style
-    files: list[str] = []  # workspace-relative paths created or changed by this call
-    exit_status: int = 0  # 0 ok, 1 the code raised, negative: the worker was killed by that signal
-    timed_out: bool = False
-    error: str | None = None  # traceback or why the worker died
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-    memory_peak_mb: float | None = None  # the session's peak so far (cgroup, else the worker's maxrss)
-    backend: str
-    sandboxed: bool
-    restarted: bool = False  # the session was restarted: its variables are lost
-    truncated: bool = False  # output cut at limits.output_bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.timed_out
-
-
-@runtime_checkable
-class Sandbox(Protocol):
-    name: str
-    sandboxed: bool
-
-    async def exec(self, session: str, code: str, limits: Limits | None = None) -> ExecResult: ...
-
-    def workspace(self, session: str) -> Path: ...
-
-    async def close_session(self, session: str) -> None: ...
-
-    async def aclose(self) -> None: ...
 
 
 class SandboxUnavailable(Exception):
@@ -446,43 +408,10 @@ def adopt_spare(spare: Path, workspace: Path) -> None:
     spare.rename(workspace)
 
 
-def disk_use(path: Path, stop_above: int | None = None) -> int:
-    """Bytes allocated below `path` plus ENTRY_BYTES per entry; counting stops past `stop_above`."""
-    size = _disk_use(path, stop_above, max_entries=None)
-    assert size is not None  # only a limit on entries gives up
-    return size
-
-
-def _disk_use(path: Path, stop_above: int | None, max_entries: int | None) -> int | None:
-    """`disk_use`, or None once more than `max_entries` entries were seen."""
-    total = entries_seen = 0
-    pending = [str(path)]
-    while pending:
-        try:
-            entries = os.scandir(pending.pop())
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                entries_seen += 1
-                if max_entries is not None and entries_seen > max_entries:
-                    return None
-                try:
-                    stat = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                total += stat.st_blocks * 512 + ENTRY_BYTES
-                if stop_above is not None and total > stop_above:
-                    return total
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-    return total
-
-
 async def workspace_use(path: Path, stop_above: int | None = None) -> int:
     # A few hundred entries are measured in well under a millisecond, here; more on a thread, so
     # the event loop never waits for a workspace of many files.
-    size = _disk_use(path, stop_above, max_entries=256)
+    size = count_disk_use(path, stop_above, max_entries=256)
     return size if size is not None else await asyncio.to_thread(disk_use, path, stop_above)
 
 
@@ -565,6 +494,9 @@ class WorkerSandbox:
     def _new_session(self, session: str) -> WorkerSession:
         raise NotImplementedError
 
+    async def warm_up(self) -> None:
+        """Start the workers of a warm pool now, so the first session is warm (backends with one)."""
+
     def workspace(self, session: str) -> Path:
         path = self.config.workspace(check_session_name(session))
         if path.is_symlink():  # preparing it would change the owner of whatever it points to
@@ -613,15 +545,15 @@ class WorkerSandbox:
         await self.aclose()
 
 
-def open_sandbox(config: Config) -> Sandbox:
+def open_sandbox(config: Config) -> WorkerSandbox:
     """The configured backend; "auto" is docker, else namespace, else a SandboxUnavailable saying why."""
     backend = config.sandbox.backend
     if backend == "subprocess":
-        from llmos.tools.sandbox.subprocess import SubprocessSandbox
+        from llmos.sandbox.subprocess import SubprocessSandbox
 
         return SubprocessSandbox(config)
     if backend == "namespace":
-        from llmos.tools.sandbox.namespace import NamespaceSandbox, namespace_available
+        from llmos.sandbox.namespace import NamespaceSandbox, namespace_available
 
         reason = namespace_available(config)
         if reason is not None:
@@ -636,7 +568,7 @@ def open_sandbox(config: Config) -> Sandbox:
     docker_reason = _docker_reason(config)
     if docker_reason is None:
         return _docker_sandbox(config)
-    from llmos.tools.sandbox.namespace import NamespaceSandbox, namespace_available
+    from llmos.sandbox.namespace import NamespaceSandbox, namespace_available
 
     ns_reason = namespace_available(config)
     if ns_reason is None:
@@ -648,17 +580,16 @@ def open_sandbox(config: Config) -> Sandbox:
     )
 
 
-def _docker_sandbox(config: Config) -> Sandbox:
+def _docker_sandbox(config: Config) -> WorkerSandbox:
     # Imported lazily: the docker backend (and its client library) is optional.
-    from llmos.tools.sandbox.docker import DockerSandbox
+    from llmos.sandbox.docker import DockerSandbox
 
-    sandbox: Sandbox = DockerSandbox(config)
-    return sandbox
+    return DockerSandbox(config)
 
 
 def _docker_reason(config: Config) -> str | None:
     try:
-        from llmos.tools.sandbox.docker import docker_available
+        from llmos.sandbox.docker import docker_available
     except ImportError as exc:
         return f"the docker backend is not installed ({exc}); `pip install llmos[docker]`"
     reason: str | None = docker_available(config)

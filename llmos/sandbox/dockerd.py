@@ -9,7 +9,7 @@ next run.
     with ManagedDockerd(state_dir) as engine:
         os.environ["DOCKER_HOST"] = engine.docker_host
 
-From a shell (the Makefile): `python -m llmos.tools.sandbox.dockerd start --state-dir DIR` prints the
+From a shell (the Makefile): `python -m llmos.sandbox.dockerd start --state-dir DIR` prints the
 DOCKER_HOST to use; `... stop --state-dir DIR` stops it.
 """
 
@@ -257,7 +257,7 @@ def running_engine(state_dir: Path) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmos.tools.sandbox.dockerd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m llmos.sandbox.dockerd", description=__doc__)
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--state-dir", type=Path, default=None, help="default: $LLMOS_HOME/dockerd")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 
-from llmos.tools.sandbox.base import Limits, WorkerSandbox, WorkerSession, worker_args, worker_source
+from llmos.sandbox.base import Limits, WorkerSandbox, WorkerSession, worker_args, worker_source
 
 UNSANDBOXED_NOTICE = "[llmos] this code ran UNSANDBOXED (sandbox.backend = subprocess): no isolation"
 
