@@ -635,7 +635,9 @@ class Kernel:
         path = self.config.workspace(pid)
         if not path.is_dir():
             path.mkdir(parents=True, exist_ok=True)
-            if os.geteuid() == 0:  # sandboxed code runs as the sandbox uid: the folder is its
+            # Sandboxed code runs as the sandbox uid: the folder is its. (Unsandboxed code, the
+            # opt-in subprocess backend, runs as the user, whose folder it stays.)
+            if os.geteuid() == 0 and self.config.sandbox.backend != "subprocess":
                 os.chown(path, self.config.sandbox.uid, self.config.sandbox.uid, follow_symlinks=False)
                 path.chmod(0o700)
         return path

@@ -5,22 +5,34 @@ escapes proper its tests only check that every result is labelled unsandboxed (r
 fork bomb or a kill against the host there would hurt the host). Resource limits (loops, memory,
 output floods) hold on every backend. After each attempt the session answers again, and the
 `sandbox` fixture checks that the host kept no stray process, cgroup or workspace.
+The host's file tools are raced on every backend too (the subprocess backend included: what is
+counted there is what the host's tools touch): sandboxed code swaps a workspace folder for a
+symlink to the host in a loop while the tools work in that folder.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import os
 import socket
+import stat
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from llmos.config import SandboxLimits
-from llmos.sandbox.base import ExecResult, Sandbox
+from llmos import Kernel
+from llmos.config import SandboxLimits, load_config
+from llmos.kernel.devices import ExecResult, Sandbox, ToolContext
+from llmos.kernel.process import Process, detached
+from llmos.tools.files import delete_file, file_tools, list_files, read_file, write_file
+from llmos.tools.python import python
+from llmos.tools.registry import ToolError
 
 ESCAPED = "ESCAPED"
 
@@ -384,3 +396,210 @@ async def test_host_environment_does_not_leak(sandbox: Sandbox, monkeypatch: pyt
     result = await sandbox.exec("s", "import os\nsorted(os.environ)")
     assert result.value is not None and "LLMOS_TEST_HOST_SECRET" not in result.value
     assert "LLMOS_HOME" not in result.value
+
+
+# The file tools run in the host process, as root here, on the workspace that sandboxed code
+# shares. The code below swaps a folder `d` of the workspace with a symlink `l` to a host folder
+# (renameat2 with RENAME_EXCHANGE, in a loop) while the host calls every file tool on paths under
+# `d/`; the host folder holds root-only files with the same names as those in `d`.
+RACE_CALLS = 1_500
+RACE_LIMITS = SandboxLimits(wall_time_s=60.0, cpu_s=60.0, memory_mb=128, pids=32, output_bytes=64_000)
+OUTSIDE_TEXT = b"root-only, outside the workspace"
+OUTSIDE_ONLY = "outside-only.txt"  # a name only the host folder has, to spot it in a listing
+
+RACE_SETUP = """
+import os
+os.mkdir("d")
+for name in ("x", "y"):
+    with open(os.path.join("d", name), "w") as handle:
+        handle.write("inside")
+os.symlink({outside!r}, "l")
+"""
+
+SWAPPER = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+exchanges = 0
+deadline = time.monotonic() + {seconds}
+while time.monotonic() < deadline and not os.path.exists("stop"):
+    for _ in range(100):
+        if libc.renameat2(AT_FDCWD, b"d", AT_FDCWD, b"l", RENAME_EXCHANGE) == 0:
+            exchanges += 1
+print("exchanges", exchanges)
+"""
+
+
+class OutsideFolder:
+    """A host folder of root-owned 0600 files, put back as it was after anything touched it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir()
+        self.lay()
+        self.expected = self.snapshot()
+
+    def lay(self) -> None:
+        for entry in os.listdir(self.path):
+            if entry not in ("x", "y", OUTSIDE_ONLY):
+                os.unlink(self.path / entry)
+        for name in ("x", "y", OUTSIDE_ONLY):
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            os.write(fd, OUTSIDE_TEXT)
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+
+    def snapshot(self) -> dict[str, tuple[int, int, int, bytes]]:
+        found = {}
+        for name in sorted(os.listdir(self.path)):
+            info = os.lstat(self.path / name)
+            data = (self.path / name).read_bytes() if stat.S_ISREG(info.st_mode) else b""
+            found[name] = (info.st_uid, info.st_gid, info.st_mode, data)
+        return found
+
+    def touched(self) -> bool:
+        """Whether anything here changed (created, written, deleted, chowned); if so it is laid again."""
+        if self.snapshot() == self.expected:
+            return False
+        self.lay()
+        return True
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    escaped: int = 0  # the call read, listed, changed or deleted something in the host folder
+    refused: int = 0  # the call saw the link and said no
+
+    def __str__(self) -> str:
+        return f"{self.escaped} of {self.calls} escaped, {self.refused} refused"
+
+
+def race_the_file_tools(ctx: ToolContext, outside: OutsideFolder, real_d: int) -> dict[str, Tally]:
+    """Each file tool RACE_CALLS times on `d/`, counting the calls that touched the host folder."""
+    tallies = {name: Tally() for name in ("read_file", "write_file", "delete_file", "list_files")}
+
+    def attempt(name: str, call: Callable[[], Any], leaked: Callable[[Any], bool]) -> None:
+        tally = tallies[name]
+        tally.calls += 1
+        try:
+            result = call()
+        except ToolError:
+            result = None
+            tally.refused += 1
+        except OSError:
+            result = None
+        if outside.touched() or (result is not None and leaked(result)):
+            tally.escaped += 1
+
+    for _ in range(RACE_CALLS):
+        attempt(
+            "read_file",
+            lambda: read_file(path="d/x", ctx=ctx),
+            lambda result: result["content"].encode() == OUTSIDE_TEXT,
+        )
+    for _ in range(RACE_CALLS):
+        attempt("write_file", lambda: write_file(path="d/x", content="host", ctx=ctx), lambda _: False)
+    for _ in range(RACE_CALLS):
+        # put d/y back through a handle on the real folder, wherever its name is now
+        os.close(os.open("y", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=real_d))
+        attempt("delete_file", lambda: delete_file(path="d/y", ctx=ctx), lambda _: False)
+    for _ in range(RACE_CALLS):
+        attempt(
+            "list_files",
+            lambda: list_files(path="d", ctx=ctx),
+            lambda result: any(entry["path"].endswith(OUTSIDE_ONLY) for entry in result),
+        )
+    return tallies
+
+
+async def wait_until_swapping(workspace: Path, swapper: asyncio.Task[ExecResult]) -> None:
+    for _ in range(1_000):
+        if (workspace / "d").is_symlink():
+            return
+        assert not swapper.done(), swapper.result()
+        await asyncio.sleep(0.01)
+    raise AssertionError("the swapper never swapped d and l")
+
+
+async def test_file_tools_are_not_turned_against_the_host(sandbox: Sandbox, tmp_path: Path) -> None:
+    outside = OutsideFolder(tmp_path / "outside")
+    setup = await sandbox.exec("s", RACE_SETUP.format(outside=str(outside.path)), RACE_LIMITS)
+    assert setup.ok, setup
+    workspace = sandbox.workspace("s")
+    ctx = ToolContext(process=detached(1), workspace=workspace)
+    real_d = os.open(workspace / "d", os.O_RDONLY | os.O_DIRECTORY)
+    swapper = asyncio.create_task(sandbox.exec("s", SWAPPER.format(seconds=50), RACE_LIMITS))
+    try:
+        await wait_until_swapping(workspace, swapper)
+        tallies = await asyncio.to_thread(race_the_file_tools, ctx, outside, real_d)
+    finally:
+        (workspace / "stop").touch()
+        swapped = await swapper
+        os.close(real_d)
+    report = "; ".join(f"{name}: {tally}" for name, tally in tallies.items())
+    print(report)
+    assert swapped.ok and int(swapped.stdout.split()[-1]) > 0, swapped
+    assert all(tally.escaped == 0 for tally in tallies.values()), report
+    # the race was real: every tool met the symlink and refused it some of the time
+    assert all(tally.refused > 0 for tally in tallies.values()), report
+    assert outside.snapshot() == outside.expected
+
+
+KERNEL_SWAPPER = """
+import ctypes, os, threading, time
+os.mkdir("d")
+with open(os.path.join("d", "x"), "w") as handle:
+    handle.write("inside")
+os.symlink({outside!r}, "l")
+exchanges = 0
+
+def swap():
+    global exchanges
+    libc = ctypes.CDLL(None, use_errno=True)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and not os.path.exists("stop"):
+        for _ in range(100):
+            if libc.renameat2(-100, b"d", -100, b"l", 2) == 0:
+                exchanges += 1
+
+swapper = threading.Thread(target=swap, daemon=True)
+swapper.start()
+while not os.path.islink("d"):
+    time.sleep(0.001)
+"""
+
+
+async def write_while_swapped(proc: Process, outside: str, writes: int) -> dict[str, Any]:
+    """A program that starts the swapper in its own sandbox session, then calls write_file on d/x."""
+
+    async def call(name: str, **arguments: Any) -> Any:
+        return await proc.syscall("tool.call", name=name, arguments=arguments)
+
+    folder = OutsideFolder(Path(outside))
+    started = (await call("python", code=KERNEL_SWAPPER.format(outside=outside))).unwrap()
+    landed = refused = 0
+    for _ in range(writes):
+        reply = (await call("write_file", path="d/x", content="host")).unwrap()
+        refused += not reply["ok"]
+        landed += folder.touched()
+    (await call("write_file", path="stop", content="")).unwrap()
+    done = (await call("python", code="swapper.join(10)\nexchanges")).unwrap()
+    return {"started": started, "landed": landed, "refused": refused, "exchanges": done}
+
+
+async def test_write_file_through_the_kernel_is_not_turned_against_the_host(tmp_path: Path) -> None:
+    config = load_config(env={"LLMOS_HOME": str(tmp_path / "home"), "LLMOS_SANDBOX__BACKEND": "namespace"})
+    async with Kernel(config) as kernel:  # the default policy: writes are allowed without asking
+        kernel.tools.register(python, *file_tools())
+        info = await kernel.run(
+            write_while_swapped,
+            args={"outside": str(tmp_path / "outside"), "writes": 800},
+            capabilities=["tool:*"],
+        )
+    assert info.error is None, info.error
+    outcome = info.result
+    assert outcome["started"]["ok"] and int(outcome["exchanges"]["content"]["value"]) > 0, outcome
+    assert outcome["landed"] == 0, outcome
+    assert outcome["refused"] > 0, outcome  # the writes did meet the symlink

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from llmos.kernel.process import detached
 from llmos.tools.registry import ToolContext
 
 
@@ -21,4 +22,4 @@ def workspace(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ctx(workspace: Path) -> ToolContext:
-    return ToolContext(pid=7, workspace=workspace)
+    return ToolContext(process=detached(7), workspace=workspace)

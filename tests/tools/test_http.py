@@ -14,7 +14,7 @@ import pytest
 
 from llmos import Kernel
 from llmos.config import load_config
-from llmos.kernel.process import Process
+from llmos.kernel.process import Process, detached
 from llmos.tools import Risk, Tool, ToolContext
 from llmos.tools.http import OpenApiError, openapi_tools
 
@@ -155,7 +155,7 @@ def tools(api: tuple[str, list[dict[str, Any]]]) -> dict[str, Tool]:
 
 @pytest.fixture
 def secret_ctx(ctx: ToolContext) -> ToolContext:
-    return ToolContext(pid=ctx.pid, workspace=ctx.workspace, secrets={"PETS_KEY": API_KEY})
+    return ToolContext(process=detached(ctx.pid), workspace=ctx.workspace, secrets={"PETS_KEY": API_KEY})
 
 
 def test_one_tool_per_operation_with_schemas(tools: dict[str, Tool]) -> None:

@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from llmos import Kernel
 from llmos.config import load_config
 from llmos.kernel.process import Process
@@ -68,14 +70,18 @@ async def files_and_python(proc: Process) -> dict[str, Any]:
         "open('out.txt', 'w').write(str(a * b))"
     )
     ran = await call("python", code=code)
+    appended = await call("write_file", path="out.txt", content="!", append=True)  # a file the code made
     read = await call("read_file", path="out.txt")
-    return {"ran": ran, "read": read}
+    return {"ran": ran, "appended": appended, "read": read}
 
 
-async def test_file_tools_and_python_share_one_workspace_that_outlives_the_kernel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["namespace", "subprocess"])
+async def test_file_tools_and_python_share_one_workspace_that_outlives_the_kernel(
+    tmp_path: Path, backend: str
+) -> None:
     from llmos.tools.python import python
 
-    config = load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_SANDBOX__BACKEND": "namespace"})
+    config = load_config(env={"LLMOS_HOME": str(tmp_path), "LLMOS_SANDBOX__BACKEND": backend})
     async with Kernel(config) as kernel:
         kernel.tools.register(python, *file_tools())
         pid = await kernel.spawn(files_and_python, capabilities=["tool:*"])
@@ -89,9 +95,10 @@ async def test_file_tools_and_python_share_one_workspace_that_outlives_the_kerne
         assert str(pid) not in sandbox.running_sessions  # type: ignore[attr-defined]
     assert info.error is None, info.error
     assert info.result["ran"]["ok"], info.result["ran"]  # python read and appended to write_file's file
-    assert info.result["read"]["ok"] and info.result["read"]["content"]["content"] == "12"
+    assert info.result["appended"]["ok"], info.result["appended"]  # and write_file to the code's file
+    assert info.result["read"]["ok"] and info.result["read"]["content"]["content"] == "12!"
     # The process's files are the user's: they stay after the kernel (and its sandbox) closed.
-    assert (workspace / "out.txt").read_text() == "12"
+    assert (workspace / "out.txt").read_text() == "12!"
     assert (workspace / "data" / "in.txt").read_text() == "3 4 5"
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from llmos.kernel.process import detached
 from llmos.tools import Tool, ToolContext, tool
 
 
@@ -48,7 +49,7 @@ RAW_SCHEMA = {
 }
 raw_tool = Tool("search", "Search.", _echo, json_schema=RAW_SCHEMA)
 
-CTX = ToolContext(pid=1, workspace=Path("."))
+CTX = ToolContext(process=detached(1), workspace=Path("."))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from llmos.kernel.devices import ToolSpec
+from llmos.kernel.process import detached
 from llmos.tools import Risk, Tool, ToolContext, ToolError, ToolRegistry, ToolResult, UnknownTool, tool
 from llmos.tools.registry import parse_docstring, simplify_schema
 
@@ -107,7 +108,7 @@ async def test_a_tool_names_the_secrets_it_reads(ctx: ToolContext) -> None:
 
     assert weather.secret_names == {"WEATHER_KEY"}
     assert "WEATHER_KEY" not in str(weather.spec())
-    with_key = ToolContext(pid=1, workspace=ctx.workspace, secrets={"WEATHER_KEY": "abcd"})
+    with_key = ToolContext(process=detached(1), workspace=ctx.workspace, secrets={"WEATHER_KEY": "abcd"})
     assert (await weather.invoke({"city": "Oslo"}, with_key)).content == "Oslo: key of length 4"
 
 
