@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import IO, Any, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from llmos.config import Config, load_config
 from llmos.kernel.devices import (
@@ -309,7 +310,8 @@ class Kernel:
         state, result, error = State.DONE, None, None
         watchdog = self._arm_wall_clock(proc)
         try:
-            result = await fn(proc.handle, **proc.info.args)
+            # As JSON, the same live and from the journal (a program may return pydantic models).
+            result = to_jsonable_python(await fn(proc.handle, **proc.info.args), fallback=str)
         except asyncio.CancelledError:
             state, error = proc.stop_reason or (State.INTERRUPTED, None)
         except Exception as exc:

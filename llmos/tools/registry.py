@@ -233,6 +233,8 @@ class ToolRegistry:
 
     def register(self, *tools: Tool) -> None:
         for t in tools:
+            if self._tools.get(t.name) is t:
+                continue  # the same tool again: the built-in ones are on every booted kernel
             if t.name in self._tools:
                 raise ValueError(
                     f"A tool named '{t.name}' is already registered: unregister it first or rename one."

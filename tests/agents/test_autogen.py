@@ -123,7 +123,7 @@ async def test_scripted_client_maps_tool_calls_both_ways(config: Config) -> None
 
     async def program(proc: Process) -> list[Any]:
         client = KernelChatClient(proc)
-        autogen_add = to_autogen_tool(proc.kernel.tools.get("add"), proc)
+        autogen_add = to_autogen_tool(add, proc)
         ask = [UserMessage(content="2+3?", source="user")]
         first = await client.create(ask, tools=[autogen_add], tool_choice=autogen_add)
         assert isinstance(first.content, list)
@@ -167,7 +167,7 @@ async def test_scripted_client_errors_are_clear(config: Config) -> None:
         client.stop("test over")
         with pytest.raises(ProcessStopped, match="test over"):
             await client.create([UserMessage(content="hi", source="u")])
-        bad_tool = to_autogen_tool(proc.kernel.tools.get("add"), proc)
+        bad_tool = to_autogen_tool(add, proc)
         with pytest.raises(RuntimeError, match="argument 'b'"):
             await bad_tool.run_json({"a": 1}, None)  # type: ignore[arg-type]
         return errors

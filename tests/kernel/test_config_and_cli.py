@@ -98,11 +98,15 @@ def test_ps_shows_the_syscall_a_running_process_is_in(llmos_home: Path) -> None:
 
 
 def test_prune_deletes_old_workspaces_of_finished_processes_only(llmos_home: Path) -> None:
+    async def write(proc: Process, path: str, content: str) -> None:
+        args = {"path": path, "content": content}
+        (await proc.syscall("tool.call", name="write_file", arguments=args)).unwrap()
+
     async def writer(proc: Process) -> None:
-        (proc.kernel.workspace(proc.pid) / "out.txt").write_text("x" * 5000)
+        await write(proc, "out.txt", "x" * 5000)
 
     async def napper(proc: Process) -> None:
-        (proc.kernel.workspace(proc.pid) / "notes.txt").write_text("keep me")
+        await write(proc, "notes.txt", "keep me")
         await proc.syscall("sleep", seconds=30)
 
     async def run() -> tuple[int, int]:

@@ -43,7 +43,7 @@ async def model_mistakes(proc: Process) -> dict[str, Any]:
 
 
 async def langchain_in_a_process(proc: Process) -> Any:
-    lc = to_langchain(proc.kernel.tools.get("add"), process=proc)
+    lc = to_langchain(add, process=proc)
     return await lc.ainvoke({"a": 20, "b": 22})
 
 
