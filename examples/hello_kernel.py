@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from llmos import Kernel, Process
 from llmos.kernel.trace import trace_lines
@@ -20,10 +22,12 @@ QUESTION = "In two sentences: what does an operating system kernel do?"
 
 
 async def ask(proc: Process, question: str) -> str:
+    # The time comes through the kernel too, so a resumed run sees the time it saw before.
+    now = time.strftime("%Y-%m-%d %H:%M", time.gmtime((await proc.syscall("clock.now")).unwrap()))
     reply = await proc.syscall(
         "llm.chat",
         messages=[
-            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "system", "content": f"You are a concise assistant. It is {now} UTC."},
             {"role": "user", "content": question},
         ],
         max_tokens=120,
@@ -38,15 +42,19 @@ def stream(kind: str, data: dict[str, Any]) -> None:
 
 async def main(question: str) -> int:
     async with Kernel() as kernel:
-        console.print(f"[bold]model:[/] {kernel.config.llm.model}   [bold]home:[/] {kernel.config.home}")
+        console.print(
+            Text.assemble(
+                ("model: ", "bold"), kernel.config.llm.model, ("   home: ", "bold"), str(kernel.config.home)
+            )
+        )
         with console.status("loading the model..."):
             await kernel.llm()
-        console.print(f"[bold]question:[/] {question}\n[bold]answer:[/] ", end="")
+        console.print(Text.assemble(("question: ", "bold"), question, ("\nanswer: ", "bold")), end="")
         kernel.listeners.append(stream)
         info = await kernel.run(ask, args={"question": question}, capabilities=["llm"])
         console.print()
         if info.error:
-            console.print(f"[red]error:[/] {info.error}")
+            console.print(Text.assemble(("error: ", "red"), info.error))
             return 1
         usage = info.usage
         console.print(

@@ -305,6 +305,8 @@ class Kernel:
         self.journal.set_state(info.pid, State.RUNNING, boot_id=self.boot_id)
         info.state = State.RUNNING
         proc.task = asyncio.create_task(self._run(proc, fn), name=f"llmos-pid-{info.pid}")
+        # A task cancelled before its first step never enters _run (killed just after its spawn).
+        proc.task.add_done_callback(lambda task: self._cancelled_unstarted(proc, task))
 
     async def _run(self, proc: LiveProcess, fn: Program) -> None:
         state, result, error = State.DONE, None, None
@@ -320,18 +322,21 @@ class Kernel:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+        self._finish(proc, state, result, error)
+
+    def _cancelled_unstarted(self, proc: LiveProcess, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not proc.finished.is_set():
+            state, error = proc.stop_reason or (State.INTERRUPTED, None)
+            self._finish(proc, state, None, error)
+
+    def _finish(self, proc: LiveProcess, state: State, result: Any, error: str | None) -> None:
         ended_at = time.time() if state.finished else None
         wall_time = proc.wall_time()
         if self._journal is not None:
             self.journal.set_state(
                 proc.pid, state, result=result, error=error, ended_at=ended_at, wall_time_s=wall_time
             )
-        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = (
-            state,
-            result,
-            error,
-            ended_at,
-        )
+        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = state, result, error, ended_at
         proc.info.usage.wall_time_s = wall_time
         self._live.pop(proc.pid, None)
         if state.finished and self._sandbox is not None:

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from llmos.kernel.devices import Risk, ToolContext
+from llmos.kernel.devices import Risk, ToolContext, ToolResult
 from llmos.kernel.workspace import ENTRY_BYTES
 from llmos.tools.registry import Tool, ToolError, tool
 
@@ -296,8 +296,29 @@ def _special(path: str, kind: str, verb: str) -> ToolError:
     return ToolError(f"'{path}' is a {kind}, not a regular file; only regular files can be {verb}.")
 
 
+# A file written by a process that had read untrusted data carries this mark, so whoever reads it
+# later gets its text as untrusted data too. As root it is a trusted.* attribute, which sandboxed
+# code (any uid without CAP_SYS_ADMIN) can neither set nor remove; otherwise a user.* one.
+UNTRUSTED_XATTR = "trusted.llmos.untrusted" if os.geteuid() == 0 else "user.llmos.untrusted"
+
+
+def _marked_untrusted(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, UNTRUSTED_XATTR) == b"1"
+    except OSError:  # no mark (ENODATA), or a file system without extended attributes
+        return False
+
+
+def _mark_trust(fd: int, untrusted: bool) -> None:
+    with contextlib.suppress(OSError):  # a file system without extended attributes carries no mark
+        if untrusted:
+            os.setxattr(fd, UNTRUSTED_XATTR, b"1")
+        else:
+            os.removexattr(fd, UNTRUSTED_XATTR)
+
+
 @tool
-def read_file(path: str, ctx: ToolContext, max_chars: int = MAX_READ_CHARS) -> dict[str, Any]:
+def read_file(path: str, ctx: ToolContext, max_chars: int = MAX_READ_CHARS) -> ToolResult:
     """Read a text file from the workspace.
 
     Args:
@@ -324,13 +345,15 @@ def read_file(path: str, ctx: ToolContext, max_chars: int = MAX_READ_CHARS) -> d
                 raise _special(path, _kind(info.st_mode), "read")
             with os.fdopen(fd, "rb", closefd=False) as handle:
                 data = handle.read(max(0, max_chars) * 4 + 4)
+            untrusted = _marked_untrusted(fd)
         finally:
             os.close(fd)
     if b"\x00" in data[:8192]:
         raise ToolError(f"'{path}' is a binary file; only text files can be read.")
     text = data.decode("utf-8", errors="replace")
     truncated = len(text) > max_chars or len(data) < info.st_size
-    return {"path": relative.as_posix(), "content": text[:max_chars], "truncated": truncated}
+    content = {"path": relative.as_posix(), "content": text[:max_chars], "truncated": truncated}
+    return ToolResult(ok=True, content=content, untrusted=untrusted)
 
 
 @tool(risk=Risk.WRITE)
@@ -370,6 +393,9 @@ def write_file(path: str, content: str, ctx: ToolContext, append: bool = False) 
                 os.ftruncate(fd, 0)
             with os.fdopen(fd, "wb", closefd=False) as handle:
                 handle.write(data)
+            # A tainted writer marks the file; a whole new text from an untainted one clears it.
+            if ctx.untrusted or not append:
+                _mark_trust(fd, ctx.untrusted)
         finally:
             os.close(fd)
     return {"path": relative.as_posix(), "bytes_written": len(data), "appended": append}
