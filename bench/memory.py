@@ -5,6 +5,10 @@ context manager against replaying the full history.
 Run from the repo root: `.venv/bin/python bench/memory.py` (about 5-10 minutes on 2 cores).
 The last line is one JSON object with the figures.
 
+The agent run is a process on a kernel, as an agent's is: its context window counts tokens,
+archives and summarises through the process's syscalls (`llm.count`, `mem.add`, `llm.chat`). The
+model is the scripted fake with SmolLM2's real tokenizer: the figures are layout, not quality.
+
 Embedding 100k texts at ~300-480 docs/s would take 4-6 minutes per backend, so: a pool of
 texts is embedded once for real (that run is the "real embedding" add throughput), and the
 bulk records reuse the pool's vectors with a little noise ("precomputed" add throughput:
@@ -23,15 +27,20 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmos import Kernel
 from llmos.config import Config, MemoryConfig, load_config
 from llmos.cpu.models import ModelManager
-from llmos.kernel.devices import Message, ToolCall
+from llmos.cpu.scripted import ScriptedLLM
+from llmos.kernel import State
+from llmos.kernel.devices import ChatRequest, Message, ToolCall
+from llmos.kernel.process import Process
 from llmos.memory.context import ContextBudget, ContextWindow, message_text
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore, NewRecord
@@ -144,30 +153,44 @@ def bench_store(
     return out
 
 
-async def bench_context(
-    store: MemoryStore, count: Callable[[str], int], steps: int, n_ctx: int
-) -> dict[str, Any]:
-    """A scripted agent: one task, then per step a fixed-size thought + tool call and tool result."""
+class TokenizedLLM(ScriptedLLM):
+    """The scripted fake model with a real tokenizer: `llm.count` answers with real token counts."""
+
+    def __init__(self, count: Callable[[str], int], context_length: int) -> None:
+        super().__init__([self.summary] * 10_000, context_length=context_length)
+        self.count = count
+
+    def count_tokens(self, text: str) -> int:
+        return self.count(text)
+
+    @staticmethod
+    def summary(request: ChatRequest) -> str:
+        """The recap a summary call gets: the start of the last six paged-out messages."""
+        lines = request.messages[-1].content.splitlines()
+        return "Progress so far: " + "; ".join(line[:40] for line in lines[-6:])
+
+
+async def run_agent_steps(proc: Process, steps: int, n_ctx: int) -> dict[str, Any]:
+    """A scripted agent: one task, then per step a fixed-size thought + tool call and tool result.
+    Returns the prompt tokens of each step with the window, and the whole history."""
 
     async def summarize(messages: list[Message]) -> str:
-        return "Progress so far: " + "; ".join(m.content[:40] for m in messages[-6:])
+        transcript = "\n".join(message_text(m) for m in messages)
+        prompt = [{"role": "system", "content": "Summarise."}, {"role": "user", "content": transcript}]
+        return str((await proc.syscall("llm.chat", messages=prompt, max_tokens=160)).unwrap().text)
 
-    window = ContextWindow(
-        store, namespace="agent:ctxbench", window_id="ctxbench", count_tokens=count,
-        budget=ContextBudget.for_context(n_ctx), system="You are a diligent research agent.",
-        summarize=summarize,
+    window = await ContextWindow.open(
+        proc, namespace="agent:ctxbench", window_id="ctxbench", system="You are a diligent research agent.",
+        budget=ContextBudget.for_context(n_ctx), summarize=summarize,
     )  # fmt: skip
-    system_tokens = count(window.system) + 6
     task = Message(role="user", content="Survey the logs and report every anomaly you find, with its cause.")
     window.add(task)
-    replay: list[int] = []
     managed: list[int] = []
     history = [task]
     for step in range(steps):
         await window.build()
         assert window.last_step is not None
         managed.append(window.last_step.prompt_tokens)
-        replay.append(system_tokens + sum(count(message_text(m)) + 6 for m in history) + 8)
         thought = Message(
             role="assistant",
             content=f"Step {step}: checking the next log segment for anomalies. " * 4,
@@ -179,6 +202,22 @@ async def bench_context(
         for m in (thought, result):
             window.add(m)
             history.append(m)
+    return {"managed": managed, "paged_out": window.paged_out, "history": [message_text(m) for m in history]}
+
+
+async def bench_context(
+    store: MemoryStore, count: Callable[[str], int], steps: int, n_ctx: int, config: Config
+) -> dict[str, Any]:
+    system_tokens = count("You are a diligent research agent.") + 6
+    async with Kernel(config, llm=TokenizedLLM(count, n_ctx), memory=store) as kernel:
+        info = await kernel.run(run_agent_steps, args={"steps": steps, "n_ctx": n_ctx})
+        assert info.state == State.DONE, info.error
+        made = Counter(e.name for e in kernel.log(info.pid) if e.kind == "result")
+    run = info.result
+    managed: list[int] = run["managed"]
+    # Full replay: every message so far, each step (counted here, outside the process).
+    sizes = [count(text) + 6 for text in run["history"]]
+    replay = [system_tokens + sum(sizes[: 1 + 2 * step]) + 8 for step in range(steps)]
     early = statistics.mean(managed[10:20])
     late = statistics.mean(managed[90:100]) if steps >= 100 else statistics.mean(managed[-10:])
     return {
@@ -194,7 +233,9 @@ async def bench_context(
         ),
         "managed_total": sum(managed),
         "replay_total": sum(replay),
-        "paged_out_messages": window.paged_out,
+        "paged_out_messages": run["paged_out"],
+        # What the window asked of the kernel over the run (each a journaled syscall).
+        "window_syscalls": {name: made[name] for name in ("llm.count", "mem.add", "llm.chat", "mem.search")},
     }
 
 
@@ -246,7 +287,7 @@ def main() -> None:
 
         config = Config(home=tmp / "context", models_dir=base.models_dir)
         with MemoryStore.open(config, embedder=embedder) as store:
-            results["context"] = asyncio.run(bench_context(store, count, args.steps, base.llm.n_ctx))
+            results["context"] = asyncio.run(bench_context(store, count, args.steps, base.llm.n_ctx, config))
         print(f"  {results['context']}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,8 @@
 Runs the same code, `print(1+1)`, on:
   - llmos docker, namespace (bubblewrap) and subprocess backends: cold = the first call of a new
     session with nothing warm (starts the container / bwrap / interpreter); warm = later calls of
-    that session; docker also "pool" = the first call of a new session served by a warm container;
+    that session; docker and namespace also "pool" = the first call of a new session served by a
+    warm worker of the pool;
   - autogen-ext's LocalCommandLineCodeExecutor and DockerCommandLineCodeExecutor (a new process
     per call, `docker exec` for the Docker one), on the same engine and the same image (plus the
     /bin/sh, `timeout` and `python` that AutoGen's executor needs).
@@ -81,17 +82,14 @@ async def bench_llmos(
         finally:
             await sandbox.aclose()
     figures: dict[str, Any] = {"cold": summary(colds), "warm": summary(warms)}
-    if backend == "docker":
-        from llmos.sandbox.docker import DockerSandbox
-
+    if backend in ("docker", "namespace"):  # the backends with a warm pool
         pooled: list[float] = []
         sandbox = open_sandbox(config(2))
-        assert isinstance(sandbox, DockerSandbox)
         try:
             for run in range(cold_runs):
                 await sandbox.warm_up()
                 took, result = await timed(partial(sandbox.exec, f"pool{run}", CODE))
-                check(result.stdout, "docker pool")
+                check(result.stdout, f"{backend} pool")
                 pooled.append(took)
         finally:
             await sandbox.aclose()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from llmos.memory.store import MemoryJournal
 
 LLMOS = Path(sys.executable).with_name("llmos")
 PS_COLUMNS = ["PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME"]
@@ -121,7 +120,11 @@ def test_read_only_commands_on_a_fresh_home_answer_and_create_nothing(llmos_home
 
 
 def test_ps_reads_a_journal_that_another_part_made_before_any_process_ran(llmos_home: Path) -> None:
-    MemoryJournal(llmos_home / "journal.sqlite3").close()  # what memory makes on its first use
+    llmos_home.mkdir()
+    # What memory made on its first use before it wrote through the kernel (its page-out table).
+    db = sqlite3.connect(llmos_home / "journal.sqlite3")
+    db.execute("CREATE TABLE pageouts (id INTEGER PRIMARY KEY, window TEXT NOT NULL)")
+    db.close()
     listing = llmos("ps")
     assert listing.returncode == 0 and listing.stdout.split()[:3] == ["PID", "PPID", "NAME"], listing.stderr
     assert "No process 1;" in one_sentence(llmos("log", "1"), 1)

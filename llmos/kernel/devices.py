@@ -234,7 +234,8 @@ class MemoryHit(MemoryRecord):
     score: float
 
 
-Where = dict[str, MetaValue]
+# A metadata filter: {"kind": "turn"}, or with an operator: {"kind": {"$nin": ["turn", "core"]}}.
+Where = dict[str, MetaValue | dict[str, MetaValue | list[MetaValue]]]
 
 
 @runtime_checkable

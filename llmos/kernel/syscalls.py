@@ -34,6 +34,7 @@ from llmos.kernel.devices import (
     ToolResult,
     Tools,
     ToolSpec,
+    Where,
 )
 from llmos.kernel.journal import Journal
 from llmos.kernel.mailbox import Mail, Mailboxes, MailSent
@@ -195,7 +196,7 @@ class MemSearchArgs(Args):
     query: str
     namespaces: list[str] = Field(default_factory=lambda: ["shared"])
     k: int = Field(5, ge=1, le=100)
-    where: dict[str, MetaValue] | None = None
+    where: Where | None = None
 
 
 class MemGetArgs(Args):

@@ -80,8 +80,6 @@ def stats() -> None:
     _out.print(Text(f"backend: {s.backend} ({s.location})"))
     _out.print(Text(f"embedding model: {s.embedding_model}"))
     _out.print(f"records: {s.records}")
-    if s.pending_intents:
-        _out.print(f"pending page-outs: {s.pending_intents}")
     table = Table()
     table.add_column("namespace")
     table.add_column("records", justify="right")

@@ -9,31 +9,52 @@ have a token budget, and together fit `n_ctx` minus the room kept for the reply:
 When the history outgrows its budget, the oldest turns are paged out in one chunk (down to a
 low watermark, so the prompt prefix then stays stable for many steps and a KV cache keeps
 hitting): each turn is archived verbatim in long-term memory (so `conversation_search` and
-recall find it), then the model summarises them into the running recap. Archiving goes
-through the store's journaled write (intent in SQLite first, deterministic ids, upsert), so a
-crash mid-page-out loses nothing and a failing summariser only costs recap quality.
+recall find it), then the model summarises them into the running recap. A failing summariser
+only costs recap quality: the turns are archived before it is asked.
 
 A message bigger than the per-message budget (a large tool output, a pasted file) is stored
 whole and replaced in the window by its head plus a pointer (`memory_read(id)`).
 
 Core memory (MemGPT): small named blocks (persona, human, notes), always in the prompt,
 capped in tokens, edited by the model through the memory tools at the end of this module.
+Each block is a memory record (`core:<namespace>:<label>`), so it outlives the process.
+
+The window acts only through its process's syscalls: `llm.info` (the model's context size),
+`llm.count` (token counts, batched: one call per build while nothing pages out, and each
+message is counted once), `mem.add`, `mem.search` and `mem.get`. So all it does is checked
+against the process's capabilities (`memory`, `llm`), journaled, shown by `llmos log`, and
+replayed on resume: a resumed process rebuilds its window by replaying its calls. A crash in
+the middle of a page-out loses no turn: the `mem.add` of the archived turns is journaled
+before it runs and its records have deterministic ids, so the resumed process runs it again and
+overwrites whatever part of it had landed.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from llmos.kernel.devices import ChatRequest, LLMBackend, Message, ToolSpec
-from llmos.memory.store import SHARED, MemoryHit, MemoryStore, NewRecord, Trust
+from llmos.kernel.devices import (
+    SHARED,
+    MemoryHit,
+    MemoryRecord,
+    Message,
+    ModelInfo,
+    ToolSpec,
+    Trust,
+    Where,
+)
+from llmos.kernel.process import Process
+from llmos.kernel.program import ErrorCode
 
-CountTokens = Callable[[str], int]
+CountTexts = Callable[[list[str]], Awaitable[list[int]]]
 Summarizer = Callable[[list[Message]], Awaitable[str]]
+Keep = Literal["head", "tail"]
 
 # Chat-template tokens around one message (ChatML: "<|im_start|>role\n" ... "<|im_end|>\n").
 MESSAGE_OVERHEAD = 6
@@ -42,6 +63,18 @@ PROMPT_OVERHEAD = 8
 DEFAULT_BLOCKS = ("persona", "human", "notes")
 MIN_RECALL_SCORE = 0.25
 RECALL_CANDIDATES = 8
+# Room kept in a cut message for each of its tool calls (their JSON is part of its text).
+TOOL_CALL_ROOM = 64
+MAX_RECORDS_PER_ADD = 1000  # what one mem.add takes
+# More characters than any token has (whitespace runs aside): N tokens never need more than this.
+MAX_CHARS_PER_TOKEN = 32
+# Token counts of texts other than turns (system prompt, recap, headers) are kept; the cache is
+# emptied when it grows past this, which a replay does at the same point.
+COUNT_CACHE_SIZE = 256
+# Truncation: prefixes counted per round, and rounds at most (a few syscalls, not log2(n)).
+CANDIDATES_PER_ROUND = 8
+TRUNCATION_ROUNDS = 3
+NOT_TURNS: Where = {"kind": {"$nin": ["turn", "core"]}}
 
 
 class ContextError(Exception):
@@ -87,10 +120,11 @@ class ToolAnswer(BaseModel):
     hits: list[MemoryHit] = Field(default_factory=list)
 
 
-class _Turn(BaseModel):
+class Turn(BaseModel):
     seq: int
     message: Message
-    tokens: int
+    tokens: int | None = Field(None, description="with the message overhead; None until the next build")
+    cut: bool = False  # its content was stored whole and cut to a head and a pointer
 
 
 class StepStats(BaseModel):
@@ -108,92 +142,183 @@ def message_text(message: Message) -> str:
     return f"{message.content}\n{calls}" if message.content else calls
 
 
-def truncate_to_tokens(text: str, limit: int, count: CountTokens, *, keep: str = "head") -> str:
-    """The longest head (or tail) of `text` that is at most `limit` tokens."""
-    if limit <= 0:
-        return ""
-    if count(text) <= limit:
-        return text
-    lo, hi = 0, len(text)
-    while lo < hi:  # binary search on characters: tokens grow with length
-        mid = (lo + hi + 1) // 2
-        piece = text[:mid] if keep == "head" else text[-mid:]
-        if count(piece) <= limit:
-            lo = mid
+# ---- truncation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Truncation:
+    """One text being cut to a token limit: the longest piece known to fit, the shortest known not to."""
+
+    text: str
+    limit: int
+    keep: Keep
+    total: int | None
+    fits: int = 0  # characters
+    fits_tokens: int = 0
+    over: int = 0  # characters; 0 until known
+
+    def piece(self, chars: int) -> str:
+        return self.text[:chars] if self.keep == "head" else self.text[len(self.text) - chars :]
+
+    @property
+    def settled(self) -> bool:
+        return self.over - self.fits <= max(1, self.fits // 100)
+
+    def candidates(self, first: bool) -> list[int]:
+        if first and self.total:  # around the length the text's own characters per token predict
+            guess = len(self.text) * self.limit / self.total
+            factors = (0.5, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.15)
+            guessed = sorted(p for p in {int(guess * f) for f in factors} if self.fits < p < self.over)
+            if guessed:
+                return guessed
+        # Evenly inside the bracket still open.
+        step = (self.over - self.fits) / (CANDIDATES_PER_ROUND + 1)
+        points = {int(self.fits + step * i) for i in range(1, CANDIDATES_PER_ROUND + 1)}
+        return sorted(p for p in points if self.fits < p < self.over)
+
+    def learn(self, chars: int, tokens: int) -> None:
+        if tokens <= self.limit and chars > self.fits:
+            self.fits, self.fits_tokens = chars, tokens
+        elif tokens > self.limit and chars < self.over:
+            self.over = chars
+        if self.over <= self.fits:  # counts are not strictly monotone in length: keep what fits
+            self.over = self.fits + 1
+
+
+async def truncate_many(
+    items: Sequence[tuple[str, int, Keep]], count: CountTexts, totals: Sequence[int | None] | None = None
+) -> list[tuple[str, int]]:
+    """The longest head (or tail) of each text that is at most its limit in tokens, with its token
+    count. All texts are cut together: each round counts candidate lengths of every text in one
+    `count` call (a first guess from the text's characters per token, then the bracket left), so a
+    cut takes a few calls however long the text. What is returned was counted and fits; it is the
+    longest that fits to within 1%."""
+    cuts = [
+        _Truncation(text, limit, keep, total)
+        for (text, limit, keep), total in zip(items, totals or [None] * len(items), strict=True)
+    ]
+    unknown = [c for c in cuts if c.total is None and c.limit > 0 and c.text]
+    for cut, total in zip(unknown, await count([c.text for c in unknown]), strict=True):
+        cut.total = total
+    open_cuts: list[_Truncation] = []
+    for cut in cuts:
+        if cut.limit <= 0 or not cut.text:
+            continue
+        assert cut.total is not None
+        if cut.total <= cut.limit:
+            cut.fits, cut.fits_tokens = len(cut.text), cut.total
         else:
-            hi = mid - 1
-    return text[:lo] if keep == "head" else text[len(text) - lo :]
+            cut.over = len(cut.text)
+            open_cuts.append(cut)
+    for round_ in range(TRUNCATION_ROUNDS):
+        asked = [(c, chars) for c in open_cuts if not c.settled for chars in c.candidates(round_ == 0)]
+        if not asked:
+            break
+        for (cut, chars), tokens in zip(asked, await count([c.piece(n) for c, n in asked]), strict=True):
+            cut.learn(chars, tokens)
+    return [(cut.piece(cut.fits), cut.fits_tokens) for cut in cuts]
 
 
-def llm_summarizer(backend: LLMBackend, max_tokens: int = 160) -> Summarizer:
-    """A summariser that asks `backend` for the recap (a hidden LLM call: charge it if you meter)."""
+async def truncate_to_tokens(text: str, limit: int, count: CountTexts, *, keep: Keep = "head") -> str:
+    """The longest head (or tail) of `text` that is at most `limit` tokens (see `truncate_many`)."""
+    return (await truncate_many([(text, limit, keep)], count))[0][0]
 
-    async def summarize(messages: list[Message]) -> str:
-        transcript = "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
-        request = ChatRequest(
-            messages=[
-                Message(
-                    role="system",
-                    content="Summarise the conversation below in a few short sentences. Keep names, "
-                    "numbers, decisions and open tasks. Write only the summary.",
-                ),
-                Message(role="user", content=transcript),
-            ],
-            max_tokens=max_tokens,
-            temperature=0.0,
+
+# ---- the window ----------------------------------------------------------------------------------
+
+
+async def _syscall(proc: Process, name: str, **args: Any) -> Any:
+    """The value of a syscall the window cannot do without, or a ContextError saying what to fix."""
+    reply = await proc.syscall(name, **args)
+    if reply.error is None:
+        return reply.value
+    if reply.error.code == ErrorCode.DENIED:
+        capability = "memory" if name.startswith("mem.") else "llm"
+        raise ContextError(
+            f"The context window of process {proc.pid} cannot use {name} ({reply.error.message}); "
+            f"give the process the '{capability}' capability, or run it without a context window "
+            "(an agent's memory=False)."
         )
-        return (await backend.chat(request)).text.strip()
-
-    return summarize
+    raise ContextError(f"The context window of process {proc.pid} failed in {name}: {reply.error.message}.")
 
 
 class ContextWindow:
-    """The context of one process (`window_id`), backed by `store` under `namespace`."""
+    """The context of one process (`window_id`), archived in long-term memory under `namespace`.
+    Open it with `await ContextWindow.open(proc, ...)`."""
 
     def __init__(
         self,
-        store: MemoryStore,
+        proc: Process,
         *,
+        model: str | None,
         namespace: str,
         window_id: str,
-        count_tokens: CountTokens,
         budget: ContextBudget,
-        system: str = "",
-        summarize: Summarizer | None = None,
-        pid: int | None = None,
-        blocks: Sequence[str] = DEFAULT_BLOCKS,
-        search_namespaces: Sequence[str] | None = None,
-        auto_recall: bool = True,
+        system: str,
+        summarize: Summarizer | None,
+        blocks: Sequence[str],
+        search_namespaces: Sequence[str] | None,
+        auto_recall: bool,
     ) -> None:
-        self.store = store
+        self.proc = proc
+        self.model = model
         self.namespace = namespace
         self.window_id = window_id
-        self.count_tokens = count_tokens
         self.budget = budget
         self.system = system
         self.summarize = summarize
-        self.pid = pid
         self.search_namespaces = list(search_namespaces or [namespace, SHARED])
         self.auto_recall = auto_recall
-        saved = store.journal.core_blocks(namespace) if store.journal is not None else {}
         # Each block pays for its tags, and all of them for one header line.
         per_block = max(0, (budget.core - 24) // max(1, len(blocks)) - 12)
-        self.core = {b: CoreBlock(label=b, value=saved.get(b, ""), limit=per_block) for b in blocks}
-        self.turns: list[_Turn] = []
+        self.core = {b: CoreBlock(label=b, limit=per_block) for b in blocks}
+        self.turns: list[Turn] = []
         self.recap = ""
-        self.paged_through = -1  # seq of the newest paged-out turn
         self.paged_out = 0
         self.last_step: StepStats | None = None
+        self.history_budget = 0  # set by open(), from the system prompt's size
+        self.message_cap = 0  # a message over this many tokens is stored whole and cut
         self._next_seq = 0
-        self._restore()
-        self.history_budget = self._history_budget()
-        self._message_cap = min(budget.message, int(self.history_budget * budget.low_watermark) // 2)
+        self._known: dict[str, int] = {}  # token counts of texts other than turns
+
+    @classmethod
+    async def open(
+        cls,
+        proc: Process,
+        *,
+        model: str | None = None,
+        namespace: str,
+        window_id: str,
+        system: str = "",
+        reserve_output: int | None = None,
+        summarize: Summarizer | None = None,
+        blocks: Sequence[str] = DEFAULT_BLOCKS,
+        search_namespaces: Sequence[str] | None = None,
+        auto_recall: bool = True,
+        budget: ContextBudget | None = None,
+    ) -> ContextWindow:
+        """A window for `proc`. Without a `budget`, the budgets are cut from the context length of
+        `model` (`llm.info`), keeping `reserve_output` tokens for the reply. The core memory blocks
+        are read back from long-term memory. A summariser is an async function of the paged-out
+        messages (an agent makes it an `llm.chat` syscall); without one the recap is mechanical."""
+        if budget is None:
+            info: ModelInfo = await _syscall(proc, "llm.info", model=model)
+            budget = ContextBudget.for_context(info.context_length, reserve_output)
+        window = cls(
+            proc, model=model, namespace=namespace, window_id=window_id, budget=budget, system=system,
+            summarize=summarize, blocks=blocks, search_namespaces=search_namespaces,
+            auto_recall=auto_recall,
+        )  # fmt: skip
+        [system_tokens] = await window._count_known([system])
+        window.history_budget = window._history_budget(system_tokens + MESSAGE_OVERHEAD)
+        window.message_cap = min(budget.message, int(window.history_budget * budget.low_watermark) // 2)
+        await window._load_core()
+        return window
 
     # ---- layout --------------------------------------------------------------------------------
 
-    def _history_budget(self) -> int:
+    def _history_budget(self, system: int) -> int:
         b = self.budget
-        system = self.count_tokens(self.system) + MESSAGE_OVERHEAD
         fixed = b.reserve_output + PROMPT_OVERHEAD + system + b.core + b.recap + b.recall
         history = b.n_ctx - fixed
         if history < 4 * 32:
@@ -203,71 +328,89 @@ class ContextWindow:
             )
         return history
 
-    def tokens_of(self, message: Message) -> int:
-        return self.count_tokens(message_text(message)) + MESSAGE_OVERHEAD
-
     @property
     def history_tokens(self) -> int:
-        return sum(t.tokens for t in self.turns)
+        return sum(t.tokens or 0 for t in self.turns)
 
-    def _restore(self) -> None:
-        """Pick up the recap and turn numbering of an earlier life of this window."""
-        if self.store.journal is None:
-            return
-        for entry in self.store.window_log(self.window_id):
-            note = entry.note
-            self.paged_through = max(self.paged_through, int(note.get("last_seq", -1)))
-            self.paged_out += len(entry.records)
-            if "recap" in note:
-                self.recap = str(note["recap"])
-            else:  # crashed between archiving and summarising
-                self.recap = self._fallback_recap([r.text for r in entry.records])
-        self._next_seq = self.paged_through + 1
+    async def _count(self, texts: list[str]) -> list[int]:
+        """Token counts of `texts`, in one llm.count syscall (none when there is nothing to count)."""
+        asked = [text for text in texts if text]
+        counted = iter(await _syscall(self.proc, "llm.count", texts=asked, model=self.model) if asked else [])
+        return [next(counted) if text else 0 for text in texts]
+
+    async def _count_known(self, texts: list[str]) -> list[int]:
+        """Counts of `texts`: from the cache, the new ones counted in one call (and cached)."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._known))
+        counted = dict(zip(new, await self._count(new), strict=True))
+        counts = [counted[t] if t in counted else self._known[t] for t in texts]
+        for text, tokens in counted.items():
+            self._remember(text, tokens)
+        return counts
+
+    def _remember(self, text: str, tokens: int) -> None:
+        if len(self._known) >= COUNT_CACHE_SIZE:
+            self._known.clear()
+        self._known[text] = tokens
 
     # ---- input ---------------------------------------------------------------------------------
 
-    def add(self, message: Message) -> Message:
-        """Append a message; one over the per-message budget is stored whole and cut, and the
-        cut version (with its pointer) is what the window keeps and returns."""
-        seq = self._next_seq
+    def add(self, message: Message) -> None:
+        """Append a message. It is counted at the next build, which also cuts it (storing it whole)
+        when it is over the per-message budget."""
+        self.turns.append(Turn(seq=self._next_seq, message=message))
         self._next_seq += 1
-        tokens = self.tokens_of(message)
-        if tokens > self._message_cap:
-            message = self._cut(message, seq)
-            tokens = self.tokens_of(message)
-        self.turns.append(_Turn(seq=seq, message=message, tokens=tokens))
-        return message
 
-    def _cut(self, message: Message, seq: int) -> Message:
-        full_id = f"full:{self.window_id}:{seq}"
-        trust = _trust_of(message.role)
-        text = message.content
-        self.store.add(
-            text, namespace=self.namespace, source=f"{message.role}:{message.name or ''}", trust=trust,
-            pid=self.pid, metadata={"kind": "full", "window": self.window_id, "seq": seq}, id=full_id,
-        )  # fmt: skip
-        total = self.count_tokens(text)
-        pointer = (
-            f"\n[... cut: {total} tokens in all; the whole text is memory id {full_id}; "
-            f"read on with memory_read(id='{full_id}', offset=N)]"
-        )
-        room = (
-            self._message_cap - MESSAGE_OVERHEAD - self.count_tokens(pointer) - len(message.tool_calls) * 64
-        )
-        head = truncate_to_tokens(text, max(16, room), self.count_tokens)
-        return message.model_copy(update={"content": head + pointer})
+    async def _count_turns(self) -> None:
+        """Count the turns added since the last build, and the system message when it changed."""
+        new = [t for t in self.turns if t.tokens is None]
+        system = self._system_message().content
+        extra = [system] if system not in self._known else []
+        counts = await self._count([*(message_text(t.message) for t in new), *extra])
+        for turn, tokens in zip(new, counts, strict=False):
+            turn.tokens = tokens + MESSAGE_OVERHEAD
+        if extra:
+            self._remember(system, counts[-1])
 
-    def resume(self, history: Sequence[Message]) -> int:
-        """Rebuild the window after a restart from the process's whole message history, in the
-        order it was added (the kernel replays it from its journal): the messages that were paged
-        out before are skipped, the rest are added again. Returns how many were added."""
-        if self.turns:
-            raise ContextError("resume() rebuilds a fresh window; call it before adding messages.")
-        skip = self.paged_through + 1
-        self._next_seq = min(skip, len(history))
-        for message in history[skip:]:
-            self.add(message)
-        return max(0, len(history) - skip)
+    async def _cut_oversized(self) -> None:
+        """Store each message over the per-message budget whole (one mem.add for all of them) and
+        keep its head and a pointer to the whole in the window."""
+        big = [
+            t for t in self.turns
+            if not t.cut and (t.tokens or 0) > self.message_cap and t.message.content
+        ]  # fmt: skip
+        if not big:
+            return
+        records = [
+            self._record(
+                t, f"full:{self.window_id}:{t.seq}", t.message.content,
+                source=f"{t.message.role}:{t.message.name or ''}", kind="full",
+            )
+            for t in big
+        ]  # fmt: skip
+        await _syscall(self.proc, "mem.add", records=records)
+        pointers = [
+            f"\n[... cut: {len(t.message.content)} characters in all; the whole text is memory id "
+            f"full:{self.window_id}:{t.seq}; read on with memory_read(id='full:{self.window_id}:{t.seq}', "
+            "offset=N)]"
+            for t in big
+        ]
+        pointer_tokens = await self._count(pointers)
+        rooms = [
+            max(16, self.message_cap - MESSAGE_OVERHEAD - p - len(t.message.tool_calls) * TOOL_CALL_ROOM)
+            for t, p in zip(big, pointer_tokens, strict=True)
+        ]
+        # Without tool calls a message's text is its content: its count is known already.
+        totals = [None if t.message.tool_calls else (t.tokens or 0) - MESSAGE_OVERHEAD for t in big]
+        items: list[tuple[str, int, Keep]] = [
+            (t.message.content, room, "head") for t, room in zip(big, rooms, strict=True)
+        ]
+        heads = await truncate_many(items, self._count, totals)
+        for turn, (head, _), pointer in zip(big, heads, pointers, strict=True):
+            turn.message = turn.message.model_copy(update={"content": head + pointer})
+            turn.cut = True
+        counts = await self._count([message_text(t.message) for t in big])
+        for turn, tokens in zip(big, counts, strict=True):
+            turn.tokens = tokens + MESSAGE_OVERHEAD
 
     # ---- assembly ------------------------------------------------------------------------------
 
@@ -275,18 +418,20 @@ class ContextWindow:
         """The messages of the next LLM call, within budget; pages out history when it overflows.
         Memories relevant to `query` (default: the newest user message, when it is the last
         message) are recalled into the prompt."""
+        await self._count_turns()
+        await self._cut_oversized()
         if self.history_tokens > self.history_budget:
             await self.page_out()
         if query is None and self.auto_recall and self.turns and self.turns[-1].message.role == "user":
             query = self.turns[-1].message.content
         recall, recalled = await self._recall(query) if query else (None, 0)
-        messages, tokens = self._assemble(recall)
+        messages, tokens = await self._assemble(recall)
         limit = self.budget.n_ctx - self.budget.reserve_output
         # The budgets add up to the limit by construction; a tokenizer that counts a joined text
         # differently from its parts could still overshoot by a few tokens: then page out more.
         while tokens > limit and len(self.turns) > 1:
             await self.page_out(force=True)
-            messages, tokens = self._assemble(recall)
+            messages, tokens = await self._assemble(recall)
         self.last_step = StepStats(
             prompt_tokens=tokens,
             history_turns=len(self.turns),
@@ -295,8 +440,8 @@ class ContextWindow:
         )
         return messages
 
-    def _assemble(self, recall: Message | None) -> tuple[list[Message], int]:
-        """The prompt's messages and their token count (history turns are counted once, on add)."""
+    async def _assemble(self, recall: Message | None) -> tuple[list[Message], int]:
+        """The prompt's messages and their token count (history turns are counted once)."""
         history = [t.message for t in self.turns]
         head = [self._system_message()]
         if self.recap:
@@ -306,11 +451,9 @@ class ContextWindow:
             at = len(history) - 1 if history and history[-1].role == "user" else len(history)
             history = [*history[:at], recall, *history[at:]]
         extra = [*head, recall] if recall is not None else head
-        tokens = self.prompt_tokens(extra) + self.history_tokens
+        counts = await self._count_known([m.content for m in extra])
+        tokens = sum(counts) + MESSAGE_OVERHEAD * len(extra) + PROMPT_OVERHEAD + self.history_tokens
         return head + history, tokens
-
-    def prompt_tokens(self, messages: Sequence[Message]) -> int:
-        return sum(self.tokens_of(m) for m in messages) + PROMPT_OVERHEAD
 
     def _system_message(self) -> Message:
         parts = [self.system] if self.system else []
@@ -320,53 +463,63 @@ class ContextWindow:
             parts.extend(blocks)
         return Message(role="system", content="\n".join(parts))
 
-    def _recap_text(self) -> str:
-        head = (
-            f"Recap of {self.paged_out} earlier messages (archived verbatim; find them with "
+    def _recap_head(self, paged_out: int) -> str:
+        return (
+            f"Recap of {paged_out} earlier messages (archived verbatim; find them with "
             "conversation_search):\n"
         )
-        return head + truncate_to_tokens(
-            self.recap, self.budget.recap - MESSAGE_OVERHEAD - self.count_tokens(head), self.count_tokens
-        )
+
+    def _recap_text(self) -> str:
+        return self._recap_head(self.paged_out) + self.recap
 
     async def _recall(self, query: str) -> tuple[Message | None, int]:
         room = self.budget.recall - MESSAGE_OVERHEAD
         if room <= 0:
             return None, 0
-        hits = await asyncio.to_thread(
-            self.store.search, query, namespaces=self.search_namespaces, k=RECALL_CANDIDATES
+        hits: list[MemoryHit] = await _syscall(
+            self.proc, "mem.search", query=query, namespaces=self.search_namespaces, k=RECALL_CANDIDATES
         )
         in_window = {f"full:{self.window_id}:{t.seq}" for t in self.turns}
+        hits = [
+            h for h in hits
+            if h.score >= MIN_RECALL_SCORE and h.id not in in_window and not h.id.startswith("core:")
+        ]  # fmt: skip
+        if not hits:
+            return None, 0
         header = "Recalled from long-term memory (may help):"
-        lines: list[str] = []
-        used = self.count_tokens(header)
-        for hit in hits:
-            if hit.score < MIN_RECALL_SCORE or hit.id in in_window:
-                continue
-            role = f"({hit.metadata['role']}) " if "role" in hit.metadata else ""
-            line = "\n- " + role + truncate_to_tokens(hit.text, max(16, room // 3), self.count_tokens)
-            cost = self.count_tokens(line)
+        per_line = max(16, room // 3)
+        # A record may be a whole tool output: only its start can make a line, so only that is counted.
+        lines = [
+            "\n- " + (f"({hit.metadata['role']}) " if "role" in hit.metadata else "") + hit.text
+            for hit in hits
+        ]
+        lines = [line[: per_line * MAX_CHARS_PER_TOKEN] for line in lines]
+        [used] = await self._count_known([header])
+        fitted = await truncate_many([(line, per_line, "head") for line in lines], self._count)
+        chosen: list[str] = []
+        for line, cost in fitted:
             if used + cost > room:
                 break
-            lines.append(line)
+            chosen.append(line)
             used += cost
-        if not lines:
+        if not chosen:
             return None, 0
-        return Message(role="system", content=header + "".join(lines)), len(lines)
+        return Message(role="system", content=header + "".join(chosen)), len(chosen)
 
     # ---- paging --------------------------------------------------------------------------------
 
     async def page_out(self, force: bool = False) -> int:
         """Move the oldest turns to long-term memory until history is under the low watermark
-        (`force`: at least one turn); returns how many were paged out. Archive first
-        (journaled), then summarise."""
+        (`force`: at least one turn); returns how many were paged out. Archive first (one mem.add
+        with deterministic ids: a resumed process repeats it harmlessly), then summarise."""
+        await self._count_turns()
         target = int(self.history_budget * self.budget.low_watermark)
         if force:
             target = min(target, self.history_tokens - 1)
         total = self.history_tokens
         count = 0
         while count < len(self.turns) - 1 and total > target:
-            total -= self.turns[count].tokens
+            total -= self.turns[count].tokens or 0
             count += 1
         # A tool result goes with the call it answers.
         while count < len(self.turns) - 1 and self.turns[count].message.role == "tool":
@@ -374,32 +527,38 @@ class ContextWindow:
         if count == 0:
             return 0
         victims = self.turns[:count]
-        records = [self._turn_record(t) for t in victims]
-        note: dict[str, Any] = {"first_seq": victims[0].seq, "last_seq": victims[-1].seq}
-        intent_id = await asyncio.to_thread(self.store.write_journaled, self.window_id, records, note)
-        recap = await self._summarise([t.message for t in victims])
-        note["recap"] = recap
-        await asyncio.to_thread(self.store.set_note, intent_id, note)
-        self.recap = recap
+        records = [
+            self._record(
+                t, f"turn:{self.window_id}:{t.seq}", text, source=f"conversation:{t.message.role}",
+                kind="turn", role=t.message.role,
+            )
+            for t in victims
+            if (text := message_text(t.message))
+        ]  # fmt: skip
+        for start in range(0, len(records), MAX_RECORDS_PER_ADD):
+            await _syscall(self.proc, "mem.add", records=records[start : start + MAX_RECORDS_PER_ADD])
+        self.recap = await self._summarise([t.message for t in victims], self.paged_out + count)
         self.turns = self.turns[count:]
-        self.paged_through = victims[-1].seq
         self.paged_out += count
         return count
 
-    def _turn_record(self, turn: _Turn) -> NewRecord:
-        m = turn.message
-        trust = _trust_of(m.role)
-        return NewRecord(
-            id=f"turn:{self.window_id}:{turn.seq}",
-            text=message_text(m),
-            namespace=self.namespace,
-            source=f"conversation:{m.role}",
-            trust=trust,
-            pid=self.pid,
-            metadata={"kind": "turn", "window": self.window_id, "seq": turn.seq, "role": m.role},
-        )
+    def _record(
+        self, turn: Turn, id: str, text: str, *, source: str, kind: str, **meta: Any
+    ) -> dict[str, Any]:
+        """A mem.add record of a turn (the kernel adds who wrote it and whether it was tainted)."""
+        metadata = {"kind": kind, "window": self.window_id, "seq": turn.seq, **meta}
+        return {
+            "id": id,
+            "text": text,
+            "namespace": self.namespace,
+            "source": source,
+            "trust": _trust_of(turn.message.role),
+            "metadata": metadata,
+        }
 
-    async def _summarise(self, messages: list[Message]) -> str:
+    async def _summarise(self, messages: list[Message], paged_out: int) -> str:
+        """The new recap, fitted to what the recap budget leaves after its header."""
+        summary = ""
         if self.summarize is not None:
             prior = [Message(role="system", content=f"Summary so far: {self.recap}")] if self.recap else []
             try:
@@ -407,26 +566,35 @@ class ContextWindow:
             except Exception:
                 # The turns are archived already; a failed summary only makes the recap cruder.
                 summary = ""
-            if summary:
-                return truncate_to_tokens(summary, self.budget.recap, self.count_tokens)
-        return self._fallback_recap([message_text(m) for m in messages])
-
-    def _fallback_recap(self, texts: list[str]) -> str:
-        """A mechanical recap: the old one plus the start of each paged-out message, newest kept."""
-        gist = " | ".join(" ".join(t.split())[:80] for t in texts)
-        combined = f"{self.recap} | {gist}" if self.recap else gist
-        return truncate_to_tokens(combined, self.budget.recap, self.count_tokens, keep="tail")
+        keep: Keep = "head"
+        if not summary:  # mechanical: the old recap plus the start of each message, newest kept
+            gist = " | ".join(" ".join(message_text(m).split())[:80] for m in messages)
+            summary, keep = (f"{self.recap} | {gist}" if self.recap else gist), "tail"
+        head_tokens, summary_tokens = await self._count([self._recap_head(paged_out), summary])
+        room = self.budget.recap - MESSAGE_OVERHEAD - head_tokens
+        [(recap, _)] = await truncate_many([(summary, room, keep)], self._count, [summary_tokens])
+        return recap
 
     # ---- memory tools (backing functions) -------------------------------------------------------
 
-    def core_memory_append(self, label: str, content: str) -> ToolAnswer:
+    def _core_id(self, label: str) -> str:
+        return f"core:{self.namespace}:{label}"
+
+    async def _load_core(self) -> None:
+        for block in self.core.values():
+            record: MemoryRecord | None = await _syscall(self.proc, "mem.get", id=self._core_id(block.label))
+            prefix = f"{block.label}: "
+            if record is not None and record.text.startswith(prefix):
+                block.value = record.text.removeprefix(prefix)
+
+    async def core_memory_append(self, label: str, content: str) -> ToolAnswer:
         block = self.core.get(label)
         if block is None:
             return self._unknown_block(label)
         value = f"{block.value}\n{content}".strip() if block.value else content.strip()
-        return self._set_block(block, value)
+        return await self._set_block(block, value)
 
-    def core_memory_replace(self, label: str, old: str, new: str) -> ToolAnswer:
+    async def core_memory_replace(self, label: str, old: str, new: str) -> ToolAnswer:
         block = self.core.get(label)
         if block is None:
             return self._unknown_block(label)
@@ -434,55 +602,82 @@ class ContextWindow:
             return ToolAnswer(
                 ok=False, message=f"Text {old!r} is not in block '{label}'; copy it exactly from the block."
             )
-        return self._set_block(block, block.value.replace(old, new, 1).strip())
+        return await self._set_block(block, block.value.replace(old, new, 1).strip())
 
     def _unknown_block(self, label: str) -> ToolAnswer:
         return ToolAnswer(
             ok=False, message=f"No core memory block '{label}'; blocks: {', '.join(self.core)}."
         )
 
-    def _set_block(self, block: CoreBlock, value: str) -> ToolAnswer:
-        size = self.count_tokens(value)
+    async def _set_block(self, block: CoreBlock, value: str) -> ToolAnswer:
+        [size] = await self._count([value])
         if size > block.limit:
             return ToolAnswer(
                 ok=False,
                 message=f"Block '{block.label}' would be {size} tokens, over its limit of {block.limit}; "
                 "replace old text with a shorter version, or move details to archival_insert.",
             )
+        # The label leads the text: a record is never empty, and a search by meaning finds it.
+        record = {
+            "id": self._core_id(block.label),
+            "text": f"{block.label}: {value}",
+            "namespace": self.namespace,
+            "source": "core_memory",
+            "trust": "model",
+            "metadata": {"kind": "core", "label": block.label},
+        }
+        reply = await self.proc.syscall("mem.add", records=[record])
+        if reply.error is not None:
+            return ToolAnswer(ok=False, message=f"Block '{block.label}' is unchanged: {reply.error.message}.")
         block.value = value
-        if self.store.journal is not None:
-            self.store.journal.save_core_block(self.namespace, block.label, value)
         return ToolAnswer(ok=True, message=f"Block '{block.label}' is now {size}/{block.limit} tokens.")
 
-    def archival_insert(self, content: str) -> ToolAnswer:
+    async def archival_insert(self, content: str) -> ToolAnswer:
         if not content.strip():
             return ToolAnswer(ok=False, message="Nothing to store: content is empty.")
-        record_id = self.store.add(
-            content, namespace=self.namespace, source="archival_insert", trust="model", pid=self.pid,
-            metadata={"kind": "archival", "window": self.window_id},
-        )  # fmt: skip
+        # The id follows from the text: storing a fact twice keeps one record.
+        record_id = f"archival:{self.namespace}:{hashlib.sha256(content.encode()).hexdigest()[:24]}"
+        record = {
+            "id": record_id,
+            "text": content,
+            "namespace": self.namespace,
+            "source": "archival_insert",
+            "trust": "model",
+            "metadata": {"kind": "archival", "window": self.window_id},
+        }
+        reply = await self.proc.syscall("mem.add", records=[record])
+        if reply.error is not None:
+            return ToolAnswer(ok=False, message=f"Nothing was stored: {reply.error.message}.")
         return ToolAnswer(ok=True, message=f"Stored as memory id {record_id}.")
 
-    def archival_search(self, query: str, k: int = 5) -> ToolAnswer:
+    async def archival_search(self, query: str, k: int = 5) -> ToolAnswer:
         """Long-term memory other than conversation turns (facts, notes, stored tool results)."""
-        return self._search(query, k, where={"kind": {"$ne": "turn"}})
+        return await self._search(query, k, where=NOT_TURNS)
 
-    def conversation_search(self, query: str, k: int = 5) -> ToolAnswer:
+    async def conversation_search(self, query: str, k: int = 5) -> ToolAnswer:
         """Earlier messages of this agent that are no longer in the window."""
-        return self._search(query, k, where={"kind": "turn"}, namespaces=[self.namespace])
+        return await self._search(query, k, where={"kind": "turn"}, namespaces=[self.namespace])
 
-    def _search(
-        self, query: str, k: int, where: dict[str, Any], namespaces: list[str] | None = None
+    async def _search(
+        self, query: str, k: int, where: Where, namespaces: list[str] | None = None
     ) -> ToolAnswer:
         if not query.strip():
             return ToolAnswer(ok=False, message="The query is empty; say what to look for.")
         k = max(1, min(int(k), 20))
-        hits = self.store.search(query, namespaces=namespaces or self.search_namespaces, k=k, where=where)
+        reply = await self.proc.syscall(
+            "mem.search", query=query, namespaces=namespaces or self.search_namespaces, k=k, where=where
+        )
+        if reply.error is not None:
+            return ToolAnswer(ok=False, message=f"The search failed: {reply.error.message}.")
+        hits: list[MemoryHit] = reply.value
         return ToolAnswer(ok=True, message=f"{len(hits)} result(s), best first.", hits=hits)
 
-    def memory_read(self, id: str, offset: int = 0, length: int = 4000) -> ToolAnswer:
+    async def memory_read(self, id: str, offset: int = 0, length: int = 4000) -> ToolAnswer:
         """A slice of a stored record (e.g. the whole of a cut tool output)."""
-        record = self.store.get(id)
+        reply = await self.proc.syscall("mem.get", id=id)
+        if reply.error is not None:
+            return ToolAnswer(ok=False, message=f"Memory {id!r} cannot be read: {reply.error.message}.")
+        record: MemoryRecord | None = reply.value
         if record is None or record.namespace not in self.search_namespaces:
             return ToolAnswer(ok=False, message=f"No memory with id {id!r} that this process may read.")
         offset = max(0, int(offset))
@@ -540,8 +735,9 @@ __all__ = [
     "StepStats",
     "Summarizer",
     "ToolAnswer",
-    "llm_summarizer",
+    "Turn",
     "message_text",
+    "truncate_many",
     "truncate_to_tokens",
 ]
 

@@ -12,10 +12,9 @@ safe across processes, so the store takes an exclusive lock file next to that di
 second process gets `MemoryBusy` at once, naming the owner. Several processes share memory
 through a Chroma server instead (`memory.chroma_url`).
 
-Batches that must not be half-written (a context window paging turns out) go through
-`write_journaled`: the intent is committed to SQLite (the kernel's journal file, own table)
-before chroma is touched, records have deterministic ids and are upserted, and the intent is
-then marked done. Opening the store completes intents a crash left pending.
+Writes are upserts: a record with an id replaces the record of that id. A process writes through
+the kernel's `mem.add` syscall, which is journaled before it runs; with deterministic ids (a
+context window's archived turns) a resumed process repeats a write a crash cut short, harmlessly.
 """
 
 from __future__ import annotations
@@ -23,10 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
-import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -36,7 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from llmos.config import Config
 from llmos.kernel.devices import (
@@ -57,9 +53,6 @@ COLLECTION_PREFIX = "llmos-ns-"
 # Keys the store owns in a record's chroma metadata; user metadata may not use them.
 RESERVED_KEYS = frozenset({"namespace", "source", "trust", "pid", "time", "tainted"})
 PAGE = 1000
-JOURNALED_BATCH = 8
-# Test hook for the crash test: SIGKILL this process after N journaled upsert batches.
-CRASH_HOOK_ENV = "LLMOSTEST_KILL_IN_PAGEOUT"
 
 
 class MemoryStoreError(Exception):
@@ -81,11 +74,6 @@ class MemoryStats(BaseModel):
     records: int
     namespaces: dict[str, int]
     embedding_model: str
-    pending_intents: int = 0
-
-
-class _Intent(BaseModel):
-    records: list[NewRecord]
 
 
 def _check_metadata(metadata: dict[str, Any]) -> dict[str, MetaValue]:
@@ -154,109 +142,6 @@ class _LockFile:
             self.fd = -1
 
 
-JOURNAL_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pageouts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    window TEXT NOT NULL,
-    state TEXT NOT NULL,
-    record_ids TEXT NOT NULL,
-    records TEXT NOT NULL,
-    note TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS pageouts_by_window ON pageouts(window, id);
-CREATE TABLE IF NOT EXISTS core_blocks (
-    namespace TEXT NOT NULL, label TEXT NOT NULL, value TEXT NOT NULL, updated_at REAL NOT NULL,
-    PRIMARY KEY (namespace, label)
-);
-"""
-
-
-class IntentEntry(BaseModel):
-    """A completed journaled write: its note and the records it wrote."""
-
-    id: int
-    note: dict[str, Any]
-    records: list[NewRecord]
-
-
-class MemoryJournal:
-    """Memory's tables in the kernel's journal database: write-ahead intents for batches of
-    records (`pageouts`) and the agents' core memory blocks (`core_blocks`)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        self.db.execute("PRAGMA busy_timeout=10000")
-        # The kernel sets WAL on this file; set it too in case memory opens the file first.
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(JOURNAL_SCHEMA)
-        self.lock = threading.Lock()
-
-    def begin(self, window: str, records: list[NewRecord], note: dict[str, Any]) -> int:
-        ids = [r.id for r in records]
-        payload = _Intent(records=records).model_dump_json()
-        with self.lock:
-            cursor = self.db.execute(
-                "INSERT INTO pageouts (window, state, record_ids, records, note, created_at) "
-                "VALUES (?, 'pending', ?, ?, ?, ?)",
-                (window, json.dumps(ids), payload, json.dumps(note), time.time()),
-            )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
-
-    def finish(self, intent_id: int, state: Literal["done", "rolled_back"]) -> None:
-        with self.lock:
-            self.db.execute(
-                "UPDATE pageouts SET state = ?, finished_at = ? WHERE id = ?", (state, time.time(), intent_id)
-            )
-
-    def set_note(self, intent_id: int, note: dict[str, Any]) -> None:
-        with self.lock:
-            self.db.execute("UPDATE pageouts SET note = ? WHERE id = ?", (json.dumps(note), intent_id))
-
-    def pending(self) -> list[tuple[int, str, str]]:
-        """(id, record_ids json, records json) of every unfinished intent, oldest first."""
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT id, record_ids, records FROM pageouts WHERE state = 'pending' ORDER BY id"
-            ).fetchall()
-        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
-
-    def done(self, window: str) -> list[IntentEntry]:
-        """The completed intents of a window, oldest first."""
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT id, note, records FROM pageouts WHERE window = ? AND state = 'done' ORDER BY id",
-                (window,),
-            ).fetchall()
-        return [
-            IntentEntry(id=r[0], note=json.loads(r[1]), records=_Intent.model_validate_json(r[2]).records)
-            for r in rows
-        ]
-
-    def core_blocks(self, namespace: str) -> dict[str, str]:
-        with self.lock:
-            rows = self.db.execute(
-                "SELECT label, value FROM core_blocks WHERE namespace = ?", (namespace,)
-            ).fetchall()
-        return {str(r[0]): str(r[1]) for r in rows}
-
-    def save_core_block(self, namespace: str, label: str, value: str) -> None:
-        with self.lock:
-            self.db.execute(
-                "INSERT INTO core_blocks VALUES (?, ?, ?, ?) ON CONFLICT (namespace, label) "
-                "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (namespace, label, value, time.time()),
-            )
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
-
-
 class MemoryStore:
     """Long-term memory. Open with `MemoryStore.open(config)`; close it (or use `with`)."""
 
@@ -268,7 +153,6 @@ class MemoryStore:
         backend: Literal["embedded", "server"],
         location: str,
         embedding_model: str,
-        journal: MemoryJournal | None = None,
         lock: _LockFile | None = None,
     ) -> None:
         self._client = client
@@ -276,13 +160,10 @@ class MemoryStore:
         self.backend = backend
         self.location = location
         self.embedding_model = embedding_model
-        self.journal = journal
         self._lock = lock
         self._collections: dict[str, Any] = {}
         self._collections_lock = threading.Lock()
         self._max_batch = int(client.get_max_batch_size())
-        if journal is not None:
-            self.recover()
 
     @classmethod
     def open(
@@ -299,56 +180,48 @@ class MemoryStore:
             model_dir = ModelManager(config.models_dir).ensure(config.memory.embedding_model)
             embedder = OnnxEmbeddingFunction(model_dir)
         settings = Settings(anonymized_telemetry=False)
-        journal = MemoryJournal(config.journal_path)
-        try:
-            if config.memory.chroma_url:
-                url = urlparse(config.memory.chroma_url)
-                if url.scheme not in ("http", "https") or not url.hostname:
-                    raise MemoryStoreError(
-                        f"memory.chroma_url={config.memory.chroma_url!r} is not an http(s)://host:port "
-                        "URL; fix it."
-                    )
-                try:
-                    client = chromadb.HttpClient(
-                        host=url.hostname,
-                        port=url.port or (443 if url.scheme == "https" else 80),
-                        ssl=url.scheme == "https",
-                        settings=settings,
-                    )
-                    client.heartbeat()
-                except MemoryStoreError:
-                    raise
-                except Exception as exc:
-                    raise MemoryStoreError(
-                        f"Chroma server at {config.memory.chroma_url} does not answer "
-                        f"({type(exc).__name__}); start it with `chroma run --path DIR --host 127.0.0.1 "
-                        "--port PORT` or unset memory.chroma_url."
-                    ) from None
-                return cls(
-                    client, embedder, backend="server", location=config.memory.chroma_url,
-                    embedding_model=config.memory.embedding_model, journal=journal,
-                )  # fmt: skip
-            store_path = path or config.home / "memory"
-            lock = _LockFile(store_path.with_name(store_path.name + ".lock"), store_path)
+        if config.memory.chroma_url:
+            url = urlparse(config.memory.chroma_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise MemoryStoreError(
+                    f"memory.chroma_url={config.memory.chroma_url!r} is not an http(s)://host:port "
+                    "URL; fix it."
+                )
             try:
-                client = chromadb.PersistentClient(path=str(store_path), settings=settings)
-                return cls(
-                    client, embedder, backend="embedded", location=str(store_path),
-                    embedding_model=config.memory.embedding_model, journal=journal, lock=lock,
-                )  # fmt: skip
-            except BaseException:
-                lock.release()
+                client = chromadb.HttpClient(
+                    host=url.hostname,
+                    port=url.port or (443 if url.scheme == "https" else 80),
+                    ssl=url.scheme == "https",
+                    settings=settings,
+                )
+                client.heartbeat()
+            except MemoryStoreError:
                 raise
+            except Exception as exc:
+                raise MemoryStoreError(
+                    f"Chroma server at {config.memory.chroma_url} does not answer "
+                    f"({type(exc).__name__}); start it with `chroma run --path DIR --host 127.0.0.1 "
+                    "--port PORT` or unset memory.chroma_url."
+                ) from None
+            return cls(
+                client, embedder, backend="server", location=config.memory.chroma_url,
+                embedding_model=config.memory.embedding_model,
+            )  # fmt: skip
+        store_path = path or config.home / "memory"
+        lock = _LockFile(store_path.with_name(store_path.name + ".lock"), store_path)
+        try:
+            client = chromadb.PersistentClient(path=str(store_path), settings=settings)
+            return cls(
+                client, embedder, backend="embedded", location=str(store_path),
+                embedding_model=config.memory.embedding_model, lock=lock,
+            )  # fmt: skip
         except BaseException:
-            journal.close()
+            lock.release()
             raise
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._client.close()
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -459,59 +332,6 @@ class MemoryStore:
             if collection is not None:
                 collection.delete(ids=id_list)
 
-    def write_journaled(self, window: str, records: Sequence[NewRecord], note: dict[str, Any]) -> int:
-        """Write records so that a crash at any point loses none: intent first, then idempotent
-        upserts, then done; returns the intent's id. Every record needs an id. `note` is kept with
-        the intent (see `window_log`, `set_note`)."""
-        if any(r.id is None for r in records):
-            raise MemoryStoreError("Journaled memory writes need deterministic ids; set id on every record.")
-        journal = self._journal()
-        intent_id = journal.begin(window, list(records), note)
-        self._apply(records, crash_hook=True)
-        journal.finish(intent_id, "done")
-        return intent_id
-
-    def _apply(self, records: Sequence[NewRecord], crash_hook: bool = False) -> None:
-        kill_after = int(os.environ.get(CRASH_HOOK_ENV, "0") or 0) if crash_hook else 0
-        for n, start in enumerate(range(0, len(records), JOURNALED_BATCH), start=1):
-            self._upsert(records[start : start + JOURNALED_BATCH])
-            if kill_after and n >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    def recover(self) -> int:
-        """Complete the intents a crash left pending (or roll back one whose records cannot be
-        read back); returns how many were handled."""
-        if self.journal is None:
-            return 0
-        handled = 0
-        for intent_id, ids_json, records_json in self.journal.pending():
-            try:
-                intent = _Intent.model_validate_json(records_json)
-            except ValidationError:
-                # Nothing to replay: remove whatever part of the batch reached chroma.
-                with contextlib.suppress(ValueError, TypeError):
-                    self.delete([str(i) for i in json.loads(ids_json)])
-                self.journal.finish(intent_id, "rolled_back")
-            else:
-                self._apply(intent.records)
-                self.journal.finish(intent_id, "done")
-            handled += 1
-        return handled
-
-    def set_note(self, intent_id: int, note: dict[str, Any]) -> None:
-        self._journal().set_note(intent_id, note)
-
-    def window_log(self, window: str) -> list[IntentEntry]:
-        """The completed journaled writes of `window`, oldest first."""
-        return self._journal().done(window)
-
-    def _journal(self) -> MemoryJournal:
-        if self.journal is None:
-            raise MemoryStoreError(
-                "This memory store is closed; open it again with MemoryStore.open(config)."
-            )
-        return self.journal
-
     # ---- reads -------------------------------------------------------------------------------
 
     def search(
@@ -588,20 +408,16 @@ class MemoryStore:
 
     def stats(self) -> MemoryStats:
         namespaces = {ns: n for ns in self.namespaces() if (n := self.count(ns))}
-        pending = 0 if self.journal is None else len(self.journal.pending())
         return MemoryStats(
             backend=self.backend, location=self.location, records=sum(namespaces.values()),
             namespaces=dict(sorted(namespaces.items())), embedding_model=self.embedding_model,
-            pending_intents=pending,
         )  # fmt: skip
 
 
 __all__ = [
     "SHARED",
-    "IntentEntry",
     "MemoryBusy",
     "MemoryHit",
-    "MemoryJournal",
     "MemoryRecord",
     "MemoryStats",
     "MemoryStore",

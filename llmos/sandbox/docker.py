@@ -9,11 +9,10 @@ memory (no swap), pids, cpus and ulimits, all capabilities dropped, no-new-privi
 namespace sharing, an init process to reap zombies. Never --privileged, never the docker socket:
 the session workspace under LLMOS_HOME is the only host directory mounted, and it is validated.
 
-Warm pool: `pool_size` containers are started ahead with a spare directory mounted at
-/workspace. A session that needs a container takes one and the spare directory is renamed to the
-session's workspace (the bind mount follows the directory, not its name); files a recycled
-session had are moved in first. Containers carry labels (llmos=1, llmos.owner, llmos.session)
-so strays can be found and removed.
+Warm pool (pool.py, shared with the namespace backend): `pool_size` containers are started ahead
+with a spare directory mounted at /workspace; the session that takes one gets the spare directory
+renamed to its workspace (the bind mount follows the directory, not its name). Containers carry
+labels (llmos=1, llmos.owner, llmos.session) so strays can be found and removed.
 """
 
 from __future__ import annotations
@@ -23,27 +22,17 @@ import contextlib
 import itertools
 import os
 import shutil
-import subprocess
+import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from llmos.config import Config
-from llmos.sandbox.base import (
-    HEADER,
-    START_TIMEOUT_S,
-    Limits,
-    SandboxError,
-    WorkerSandbox,
-    WorkerSession,
-    adopt_spare,
-    limits_fit,
-    worker_args,
-    worker_source,
-)
-from llmos.sandbox.dockerd import DockerdError, docker_command
+from llmos.sandbox.base import Limits, SandboxError, worker_args, worker_source
+from llmos.sandbox.dockerd import DockerdError, docker_command, engine_answers
+from llmos.sandbox.frame import WorkerSandbox
 from llmos.sandbox.image import docker_host_of, image_labels
+from llmos.sandbox.session import WorkerSession
 
 CONTAINER_WORKSPACE = "/workspace"
 CPUS = "1.0"  # one of the machine's cores at most, whatever the code does
@@ -52,22 +41,17 @@ NOFILE = 256
 # backend), so it is only a loose backstop; the pids cgroup is the per-container limit.
 NPROC_FACTOR = 4
 WARM_LABEL = "(warm)"
+STRAY_WAIT_S = 10.0
 
 
 def docker_available(config: Config) -> str | None:
     """None when the docker backend can run; otherwise the reason, as a clause with the fix."""
     host = docker_host_of(config)
     try:
-        docker = docker_command(host)
+        docker_command(host)
     except DockerdError:
         return "the docker CLI is not installed (`apt-get install docker.io`)"
-    try:
-        info = subprocess.run(
-            [*docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, timeout=5
-        )
-    except subprocess.TimeoutExpired:
-        info = None
-    if info is None or info.returncode != 0:
+    if not engine_answers(host):
         where = host or "the default socket"
         return (
             f"no Docker engine answers at {where} (start one with "
@@ -140,25 +124,84 @@ def hardened_run_args(
     ]
 
 
+# Where a container's memory cgroup may be, by its id, when the engine runs on this host.
+CGROUP_CANDIDATES = (
+    "/sys/fs/cgroup/memory/docker/{cid}",  # cgroup v1
+    "/sys/fs/cgroup/docker/{cid}",  # cgroup v2, cgroupfs driver
+    "/sys/fs/cgroup/system.slice/docker-{cid}.scope",  # cgroup v2, systemd driver
+)
+
+
 @dataclass
 class _Container:
     name: str
     process: asyncio.subprocess.Process
-    limits: Limits
-    workspace: Path  # the host directory bind-mounted at /workspace
     cidfile: Path
     cgroup: Path | None = None
+    cgroup_looked_for: bool = False  # looked once: a cgroup that was not there does not appear later
 
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
+    def memory_cgroup(self) -> Path | None:
+        """The container's memory cgroup, when the engine runs on this host with cgroupfs."""
+        if not self.cgroup_looked_for:
+            try:
+                cid = self.cidfile.read_text().strip()
+            except OSError:
+                cid = ""
+            if not cid:
+                return None  # not written yet: look again next time
+            self.cgroup_looked_for = True
+            candidates = [Path(candidate.format(cid=cid)) for candidate in CGROUP_CANDIDATES]
+            self.cgroup = next((path for path in candidates if path.is_dir()), None)
+        return self.cgroup
 
 
-class DockerSandbox(WorkerSandbox):
+class DockerWorker(WorkerSession):
+    """The worker in one hardened container; a restart is a new container on the same workspace."""
+
+    backend = "docker"
+    sandboxed = True
+
+    def __init__(self, sandbox: DockerSandbox, workspace: Path) -> None:
+        super().__init__(workspace, max_calls=sandbox.config.sandbox.max_calls_per_session)
+        self._sandbox = sandbox
+        self.container: _Container | None = None
+
+    async def _spawn(self, limits: Limits) -> asyncio.subprocess.Process:
+        # The llmos.session label: a session's workspace is named after it; a spare, not yet.
+        label = WARM_LABEL if self.workspace.parent == self._sandbox.spares else self.workspace.name
+        self.container = await self._sandbox.run_container(limits, self.workspace, label)
+        return self.container.process
+
+    async def _teardown(self) -> None:
+        container, self.container = self.container, None
+        if container is not None:
+            await self._sandbox.remove(container)
+
+    def _peak_memory(self) -> float | None:
+        cgroup = self.container.memory_cgroup() if self.container is not None else None
+        if cgroup is None:
+            return None
+        for name in ("memory.max_usage_in_bytes", "memory.peak"):
+            with contextlib.suppress(OSError, ValueError):
+                return int((cgroup / name).read_text().split()[0]) / (1024 * 1024)
+        return None
+
+    def _reset_peak_memory(self) -> None:
+        cgroup = self.container.memory_cgroup() if self.container is not None else None
+        if cgroup is None:
+            return
+        for name in ("memory.max_usage_in_bytes", "memory.peak"):
+            with contextlib.suppress(OSError):
+                (cgroup / name).write_text("0")
+                return
+
+
+class DockerSandbox(WorkerSandbox[DockerWorker]):
     """Sessions in hardened containers on the engine at sandbox.docker_host (or $DOCKER_HOST)."""
 
     name = "docker"
     sandboxed = True
+    pooled = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -166,24 +209,10 @@ class DockerSandbox(WorkerSandbox):
         self.owner = uuid.uuid4().hex[:12]
         self.containers_started = 0
         self._serial = itertools.count()
-        self._warm: list[_Container] = []
-        self._by_session: dict[str, _Container] = {}
-        self._refills: set[asyncio.Task[None]] = set()  # warm containers being started
-        self._removals: set[asyncio.Task[None]] = set()  # unusable warm containers being removed
         self._closed = False
 
-    # -- sessions ------------------------------------------------------------------------------
-
-    def _new_session(self, session: str) -> WorkerSession:
-        return WorkerSession(
-            partial(self._spawn, session),
-            partial(self._teardown, session),
-            backend=self.name,
-            sandboxed=True,
-            max_calls=self.config.sandbox.max_calls_per_session,
-            peak_memory=partial(self._peak_memory, session),
-            reset_peak_memory=partial(self._reset_peak_memory, session),
-        )
+    def _worker(self, workspace: Path) -> DockerWorker:
+        return DockerWorker(self, workspace)
 
     def _prepare_workspace(self, path: Path) -> None:
         # The container runs as the sandbox uid: hand it the directory.
@@ -192,87 +221,11 @@ class DockerSandbox(WorkerSandbox):
         else:
             path.chmod(0o777)
 
-    async def _spawn(self, session: str, limits: Limits) -> asyncio.subprocess.Process:
-        if self._closed:
-            raise SandboxError("This docker sandbox is closed; open a new one.")
-        workspace = self._checked_mount(self.workspace(session))
-        container = self._take_warm(limits, workspace)
-        if container is None:
-            container = await self._run(limits, workspace, session)
-        self._by_session[session] = container
-        self.fill_pool()
-        return container.process
-
-    async def _teardown(self, session: str) -> None:
-        container = self._by_session.pop(session, None)
-        if container is not None:
-            await self._remove([container])
-
-    # -- warm pool -----------------------------------------------------------------------------
-
-    def fill_pool(self) -> None:
-        """Start warm containers in the background until `pool_size` are ready or starting."""
-        if self._closed:
-            return
-        missing = self.config.sandbox.pool_size - len(self._warm) - len(self._refills)
-        for _ in range(max(0, missing)):
-            task = asyncio.get_running_loop().create_task(self._add_warm())
-            self._refills.add(task)
-            task.add_done_callback(self._refills.discard)
-
-    async def warm_up(self) -> None:
-        """Fill the warm pool and wait until its containers are started."""
-        self.fill_pool()
-        await asyncio.gather(*list(self._refills), return_exceptions=True)
-
-    async def _add_warm(self) -> None:
-        spare = self._new_spare(f"{self.owner}-{next(self._serial)}")
-        try:
-            container = await self._run(self.config.sandbox.limits, spare, WARM_LABEL)
-        except BaseException:
-            shutil.rmtree(spare, ignore_errors=True)
-            raise
-        try:
-            await asyncio.wait_for(self._until_ready(container), START_TIMEOUT_S)
-        except (TimeoutError, asyncio.IncompleteReadError):
-            await self._remove([container])
-            return
-        if self._closed:
-            await self._remove([container])
-        else:
-            self._warm.append(container)
-
-    @staticmethod
-    async def _until_ready(container: _Container) -> None:
-        """Wait for the worker's first message, then put it back for the session that takes it.
-
-        The worker writes nothing else until it gets a request, so the bytes fed back are the
-        whole buffer and the session reads them first, as from a worker it just started.
-        """
-        stdout = container.process.stdout
-        assert stdout is not None
-        header = await stdout.readexactly(HEADER.size)
-        body = await stdout.readexactly(HEADER.unpack(header)[0])
-        stdout.feed_data(header + body)
-
-    def _take_warm(self, limits: Limits, workspace: Path) -> _Container | None:
-        """A live warm container that fits `limits`, its spare directory now the session's workspace."""
-        for dead in [container for container in self._warm if not container.alive]:
-            self._warm.remove(dead)
-            self._discard(dead)
-        fitting = [container for container in self._warm if limits_fit(container.limits, limits)]
-        if fitting:
-            container = fitting[0]
-            self._warm.remove(container)
-            adopt_spare(container.workspace, workspace)
-            container.workspace = workspace
-            return container
-        return None
-
-    def _discard(self, container: _Container) -> None:
-        task = asyncio.get_running_loop().create_task(self._remove([container]))
-        self._removals.add(task)
-        task.add_done_callback(self._removals.discard)
+    def container_of(self, session: str) -> str | None:
+        """The name of the container running `session` now, if any."""
+        worker = self._sessions.get(session)
+        container = worker.container if worker is not None else None
+        return container.name if container is not None else None
 
     # -- containers ----------------------------------------------------------------------------
 
@@ -296,13 +249,17 @@ class DockerSandbox(WorkerSandbox):
             )
         return resolved
 
-    async def _run(self, limits: Limits, workspace: Path, session: str) -> _Container:
+    async def run_container(self, limits: Limits, workspace: Path, label: str) -> _Container:
+        """Start a hardened container with `workspace` mounted at /workspace, running the worker."""
+        if self._closed:
+            raise SandboxError("This docker sandbox is closed; open a new one.")
+        mount = self._checked_mount(self.ready_workspace(workspace))
         name = f"llmos-{self.owner}-{next(self._serial)}"
         cidfile = self.root / "cids" / f"{name}.cid"
         cidfile.parent.mkdir(parents=True, exist_ok=True)
         cidfile.unlink(missing_ok=True)
         options = hardened_run_args(
-            self.config, limits, name=name, session=session, owner=self.owner, workspace=workspace
+            self.config, limits, name=name, session=label, owner=self.owner, workspace=mount
         )
         command = [
             "python3",
@@ -324,23 +281,17 @@ class DockerSandbox(WorkerSandbox):
             stderr=asyncio.subprocess.PIPE,
         )
         self.containers_started += 1
-        return _Container(name=name, process=process, limits=limits, workspace=workspace, cidfile=cidfile)
+        return _Container(name=name, process=process, cidfile=cidfile)
 
-    async def _remove(self, containers: list[_Container]) -> None:
-        """Kill the `docker run` clients, then `docker rm -f` (killing a client does not stop a container)."""
-        if not containers:
-            return
-        for container in containers:
-            if container.alive:
-                with contextlib.suppress(ProcessLookupError):
-                    container.process.kill()
-        await self._docker_quiet("rm", "-f", *(container.name for container in containers))
-        for container in containers:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(container.process.wait(), 5.0)
-            container.cidfile.unlink(missing_ok=True)
-            if container.workspace.name.startswith(".warm-"):
-                shutil.rmtree(container.workspace, ignore_errors=True)
+    async def remove(self, container: _Container) -> None:
+        """Kill the `docker run` client, then `docker rm -f` (killing a client does not stop a container)."""
+        if container.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                container.process.kill()
+        await self._docker_quiet("rm", "-f", container.name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(container.process.wait(), 5.0)
+        container.cidfile.unlink(missing_ok=True)
 
     async def _docker_quiet(self, *args: str) -> str:
         process = await asyncio.create_subprocess_exec(
@@ -348,11 +299,6 @@ class DockerSandbox(WorkerSandbox):
         )
         stdout, _ = await process.communicate()
         return stdout.decode()
-
-    def container_of(self, session: str) -> str | None:
-        """The name of the container running `session` now, if any."""
-        container = self._by_session.get(session)
-        return container.name if container is not None else None
 
     async def stray_containers(self) -> list[str]:
         """Names of containers this sandbox started that still exist."""
@@ -364,54 +310,11 @@ class DockerSandbox(WorkerSandbox):
     async def aclose(self) -> None:
         """Stop every session and warm container this sandbox made, and remove them."""
         self._closed = True
-        for task in [*self._refills, *self._removals]:
-            with contextlib.suppress(Exception):
-                await task
-        await super().aclose()
-        warm, self._warm = self._warm, []
-        await self._remove(warm)
-        # Belt and braces: anything with our label that escaped the bookkeeping.
-        strays = await self.stray_containers()
-        if strays:
+        await super().aclose()  # waits for warm containers being started, then removes them
+        # Belt and braces: anything with our label that escaped the bookkeeping. A container the
+        # engine is still removing (`--rm` raced our `rm -f`) is listed until it is gone: wait.
+        deadline = time.monotonic() + STRAY_WAIT_S
+        while (strays := await self.stray_containers()) and time.monotonic() < deadline:
             await self._docker_quiet("rm", "-f", *strays)
+            await asyncio.sleep(0.05)
         shutil.rmtree(self.root / "cids", ignore_errors=True)
-
-    # -- resources -----------------------------------------------------------------------------
-
-    def _cgroup(self, session: str) -> Path | None:
-        """The container's memory cgroup, when the engine runs on this host with cgroupfs."""
-        container = self._by_session.get(session)
-        if container is None:
-            return None
-        if container.cgroup is None:
-            try:
-                cid = container.cidfile.read_text().strip()
-            except OSError:
-                return None
-            for candidate in (
-                Path("/sys/fs/cgroup/memory/docker") / cid,  # cgroup v1
-                Path("/sys/fs/cgroup/docker") / cid,  # cgroup v2, cgroupfs driver
-                Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope"),  # cgroup v2, systemd driver
-            ):
-                if cid and candidate.is_dir():
-                    container.cgroup = candidate
-                    break
-        return container.cgroup
-
-    def _peak_memory(self, session: str) -> float | None:
-        cgroup = self._cgroup(session)
-        if cgroup is None:
-            return None
-        for name in ("memory.max_usage_in_bytes", "memory.peak"):
-            with contextlib.suppress(OSError, ValueError):
-                return int((cgroup / name).read_text().split()[0]) / (1024 * 1024)
-        return None
-
-    def _reset_peak_memory(self, session: str) -> None:
-        cgroup = self._cgroup(session)
-        if cgroup is None:
-            return
-        for name in ("memory.max_usage_in_bytes", "memory.peak"):
-            with contextlib.suppress(OSError):
-                (cgroup / name).write_text("0")
-                return

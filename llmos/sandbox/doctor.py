@@ -6,11 +6,13 @@ import asyncio
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from llmos.config import Config
-from llmos.sandbox.base import SandboxUnavailable, WorkerSandbox, _docker_reason
+from llmos.sandbox import SandboxUnavailable, docker_reason
+from llmos.sandbox.frame import WorkerSandbox
 
 
 class BackendStatus(BaseModel):
@@ -20,7 +22,7 @@ class BackendStatus(BaseModel):
     detail: str  # what was checked, or why it does not work and the fix
 
 
-def _round_trip(sandbox: WorkerSandbox) -> str | None:
+def _round_trip(sandbox: WorkerSandbox[Any]) -> str | None:
     """Run `6*7` through the backend for real; None on success, else what went wrong."""
 
     async def run() -> str | None:
@@ -54,7 +56,7 @@ def _namespace(config: Config, home: Path) -> BackendStatus:
 
 
 def _docker(config: Config) -> BackendStatus:
-    reason = _docker_reason(config)
+    reason = docker_reason(config)
     if reason is not None:
         return BackendStatus(name="docker", works=False, sandboxed=True, detail=reason)
     return BackendStatus(

@@ -32,16 +32,9 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmos.sandbox.base import (
-    Limits,
-    SandboxUnavailable,
-    WorkerSandbox,
-    WorkerSession,
-    adopt_spare,
-    check_session_name,
-    worker_args,
-    worker_source,
-)
+from llmos.sandbox.base import Limits, SandboxUnavailable, worker_args, worker_source
+from llmos.sandbox.frame import WorkerSandbox
+from llmos.sandbox.session import WorkerSession
 
 if TYPE_CHECKING:
     from llmos.config import Config
@@ -400,152 +393,106 @@ def namespace_available(config: Config) -> str | None:
     return _probe(bwrap, os.geteuid() == 0)
 
 
-class NamespaceSandbox(WorkerSandbox):
+class NamespaceWorker(WorkerSession):
+    """The worker inside bubblewrap, in its own cgroups when the host lets us make them."""
+
+    backend = "namespace"
+    sandboxed = True
+
+    def __init__(self, sandbox: NamespaceSandbox, workspace: Path, cgroup: Cgroup | None) -> None:
+        super().__init__(workspace, max_calls=sandbox.config.sandbox.max_calls_per_session)
+        self._sandbox = sandbox
+        self._cgroup = cgroup
+
+    async def _spawn(self, limits: Limits) -> asyncio.subprocess.Process:
+        sandbox, cgroup = self._sandbox, self._cgroup
+        workspace = sandbox.ready_workspace(self.workspace)
+        seccomp_fd = _program_fd(sandbox.seccomp)
+        try:
+            command = bwrap_command(
+                etc=sandbox.etc,
+                workspace=workspace,
+                seccomp_fd=seccomp_fd,
+                uid=sandbox.uid,
+                as_root=sandbox.as_root,
+            )
+            # With per-session pid limits the uid-wide RLIMIT_NPROC is only a backstop.
+            nproc = 4096 if cgroup is not None else limits.pids
+            program = [
+                SANDBOX_PYTHON,
+                "-I",
+                "-c",
+                worker_source(),
+                *worker_args("/workspace", limits, uid=sandbox.uid if sandbox.as_root else None, nproc=nproc),
+            ]
+            launcher: list[str] = []
+            if cgroup is not None:
+                cgroup.create(limits)
+                # Join the cgroups before bwrap forks, so every sandboxed process is born inside.
+                launcher = [
+                    "/bin/sh",
+                    "-c",
+                    'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"',
+                    "llmos-sandbox",
+                    *cgroup.procs_files,
+                ]
+            return await asyncio.create_subprocess_exec(
+                *launcher,
+                *command,
+                "--",
+                *program,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(seccomp_fd,),
+                env={"PATH": "/usr/bin:/bin"},
+                start_new_session=True,
+            )
+        finally:
+            os.close(seccomp_fd)
+
+    async def _teardown(self) -> None:
+        if self._cgroup is not None:
+            await self._cgroup.remove()
+
+    def _peak_memory(self) -> float | None:
+        # The session's peak (worker and children) since it started: resetting the v1 counter
+        # every call costs ~2 ms per round trip (it drains the per-cpu charge caches).
+        return self._cgroup.peak_mb() if self._cgroup is not None else None
+
+
+class NamespaceSandbox(WorkerSandbox[NamespaceWorker]):
     name = "namespace"
     sandboxed = True
+    pooled = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         program = seccomp_program()
         if program is None:
             raise SandboxUnavailable("libseccomp is missing; install it with `apt-get install libseccomp2`.")
-        self._seccomp = program
+        self.seccomp = program
         self.uid = config.sandbox.uid
         self.as_root = os.geteuid() == 0
         self.instance_id = uuid.uuid4().hex[:8]  # names its cgroups: two kernels never share one
-        self._etc = self.root / f"etc-{self.instance_id}"
-        _make_etc(self._etc, self.uid)
+        self.etc = self.root / f"etc-{self.instance_id}"
+        _make_etc(self.etc, self.uid)
         self.cgroups_reason = Cgroup.available()
         if self.cgroups_reason is None:
             Cgroup.remove_stale()
-        # Workers started ahead of their session (config.sandbox.pool_size), each with its own
-        # workspace directory; a new session renames the directory (the bind mount follows it).
-        self._warm: list[tuple[_Place, WorkerSession]] = []
-        self._refill: asyncio.Future[None] | None = None
-        self._warm_lock = asyncio.Lock()  # the kernel's warm_up and a background refill, one at a time
-
-    async def warm_up(self) -> None:
-        """Start workers until `pool_size` wait for new sessions (the kernel calls this at boot)."""
-        async with self._warm_lock:
-            while len(self._warm) < self.config.sandbox.pool_size:
-                await self._add_warm()
-
-    async def _add_warm(self) -> None:
-        place = _Place(self._new_spare("ns"))
-        worker = self._worker(place, f"{self.instance_id}-{place.workspace.name[1:]}")
-        try:
-            await worker.start(self.config.sandbox.limits)
-        except BaseException:
-            await worker.close()
-            shutil.rmtree(place.workspace, ignore_errors=True)
-            raise
-        self._warm.append((place, worker))
-
-    @property
-    def warm_pids(self) -> list[int]:
-        """Pids of the workers waiting for a session."""
-        return [pid for _, worker in self._warm if (pid := worker.pid) is not None]
-
-    async def _warm_up_quietly(self) -> None:
-        # In the background a failure only means no warm worker: the next exec reports it properly.
-        with contextlib.suppress(Exception):
-            await self.warm_up()
 
     def _prepare_workspace(self, path: Path) -> None:
         if self.as_root:
             os.chown(path, self.uid, self.uid)
         path.chmod(0o700)
 
-    def _new_session(self, session: str) -> WorkerSession:
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to refill with
-            if self._refill is None or self._refill.done():
-                self._refill = asyncio.ensure_future(self._warm_up_quietly())
-        if self._warm:
-            place, worker = self._warm.pop(0)
-            target = self.config.workspace(check_session_name(session))
-            adopt_spare(place.workspace, target)
-            place.workspace = target
-            return worker
-        return self._worker(_Place(self.workspace(session)), f"{self.instance_id}-{session}")
-
-    def _worker(self, place: _Place, cgroup_name: str) -> WorkerSession:
-        cgroup = Cgroup(cgroup_name) if self.cgroups_reason is None else None
-
-        async def spawn(limits: Limits) -> asyncio.subprocess.Process:
-            seccomp_fd = _program_fd(self._seccomp)
-            try:
-                command = bwrap_command(
-                    etc=self._etc,
-                    workspace=place.workspace,
-                    seccomp_fd=seccomp_fd,
-                    uid=self.uid,
-                    as_root=self.as_root,
-                )
-                # With per-session pid limits the uid-wide RLIMIT_NPROC is only a backstop.
-                nproc = 4096 if cgroup is not None else limits.pids
-                program = [
-                    SANDBOX_PYTHON,
-                    "-I",
-                    "-c",
-                    worker_source(),
-                    *worker_args("/workspace", limits, uid=self.uid if self.as_root else None, nproc=nproc),
-                ]
-                launcher: list[str] = []
-                if cgroup is not None:
-                    cgroup.create(limits)
-                    # Join the cgroups before bwrap forks, so every sandboxed process is born inside.
-                    launcher = [
-                        "/bin/sh",
-                        "-c",
-                        'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"',
-                        "llmos-sandbox",
-                        *cgroup.procs_files,
-                    ]
-                return await asyncio.create_subprocess_exec(
-                    *launcher,
-                    *command,
-                    "--",
-                    *program,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    pass_fds=(seccomp_fd,),
-                    env={"PATH": "/usr/bin:/bin"},
-                    start_new_session=True,
-                )
-            finally:
-                os.close(seccomp_fd)
-
-        async def teardown() -> None:
-            if cgroup is not None:
-                await cgroup.remove()
-
-        return WorkerSession(
-            spawn,
-            teardown,
-            backend=self.name,
-            sandboxed=True,
-            max_calls=self.config.sandbox.max_calls_per_session,
-            # The session's peak (worker and children) since it started: resetting the v1 counter
-            # every call costs ~2 ms per round trip (it drains the per-cpu charge caches).
-            peak_memory=cgroup.peak_mb if cgroup is not None else None,
-        )
+    def _worker(self, workspace: Path) -> NamespaceWorker:
+        # Named after the session (its workspace's name), or the spare directory of a warm worker,
+        # whose cgroup keeps that name in the session that takes it.
+        label = workspace.name.lstrip(".")
+        cgroup = Cgroup(f"{self.instance_id}-{label}") if self.cgroups_reason is None else None
+        return NamespaceWorker(self, workspace, cgroup)
 
     async def aclose(self) -> None:
-        if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(BaseException):
-                await self._refill
-        for place, worker in self._warm:
-            await worker.close()
-            shutil.rmtree(place.workspace, ignore_errors=True)
-        self._warm.clear()
         await super().aclose()
-        shutil.rmtree(self._etc, ignore_errors=True)
-
-
-class _Place:
-    """Where a worker's workspace is on the host; it moves when a warm worker gets its session."""
-
-    def __init__(self, workspace: Path) -> None:
-        self.workspace = workspace
+        shutil.rmtree(self.etc, ignore_errors=True)

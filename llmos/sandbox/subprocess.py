@@ -14,8 +14,11 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
-from llmos.sandbox.base import Limits, WorkerSandbox, WorkerSession, worker_args, worker_source
+from llmos.sandbox.base import Limits, worker_args, worker_source
+from llmos.sandbox.frame import WorkerSandbox
+from llmos.sandbox.session import WorkerSession
 
 UNSANDBOXED_NOTICE = "[llmos] this code ran UNSANDBOXED (sandbox.backend = subprocess): no isolation"
 
@@ -25,43 +28,47 @@ def host_python() -> str:
     return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 
 
-class SubprocessSandbox(WorkerSandbox):
+class SubprocessWorker(WorkerSession):
+    """The worker as a child process in its own process group, so a time-out kills its children
+    too (a setsid daemon escapes)."""
+
+    backend = "subprocess"
+    sandboxed = False
+    notice = UNSANDBOXED_NOTICE
+
+    def __init__(self, sandbox: SubprocessSandbox, workspace: Path) -> None:
+        super().__init__(workspace, max_calls=sandbox.config.sandbox.max_calls_per_session)
+        self._sandbox = sandbox
+        self._pgid: int | None = None
+
+    async def _spawn(self, limits: Limits) -> asyncio.subprocess.Process:
+        workspace = self._sandbox.ready_workspace(self.workspace)
+        proc = await asyncio.create_subprocess_exec(
+            host_python(),
+            "-I",
+            "-c",
+            worker_source(),
+            *worker_args(str(workspace), limits),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=workspace,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(workspace), "LANG": "C.UTF-8"},
+            start_new_session=True,
+        )
+        self._pgid = proc.pid
+        return proc
+
+    async def _teardown(self) -> None:
+        pgid, self._pgid = self._pgid, None
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+class SubprocessSandbox(WorkerSandbox[SubprocessWorker]):
     name = "subprocess"
     sandboxed = False
 
-    def _new_session(self, session: str) -> WorkerSession:
-        workspace = self.workspace(session)
-        group: dict[str, int] = {}
-
-        async def spawn(limits: Limits) -> asyncio.subprocess.Process:
-            proc = await asyncio.create_subprocess_exec(
-                host_python(),
-                "-I",
-                "-c",
-                worker_source(),
-                *worker_args(str(workspace), limits),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=workspace,
-                env={"PATH": "/usr/bin:/bin", "HOME": str(workspace), "LANG": "C.UTF-8"},
-                # Its own process group, so a timeout kills the children too (a setsid daemon escapes).
-                start_new_session=True,
-            )
-            group["pgid"] = proc.pid
-            return proc
-
-        async def teardown() -> None:
-            pgid = group.pop("pgid", None)
-            if pgid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-
-        return WorkerSession(
-            spawn,
-            teardown,
-            backend=self.name,
-            sandboxed=False,
-            max_calls=self.config.sandbox.max_calls_per_session,
-            notice=UNSANDBOXED_NOTICE,
-        )
+    def _worker(self, workspace: Path) -> SubprocessWorker:
+        return SubprocessWorker(self, workspace)

@@ -1,4 +1,5 @@
-"""Memory fixtures: the real embedding model, the real tokenizer of a GGUF, a real Chroma server."""
+"""Memory fixtures: the real embedding model, the real tokenizer of a GGUF, a real Chroma server,
+and kernels whose processes reach a real embedded store under the test's LLMOS_HOME."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import loopback
 import pytest
 
+from llmos import Kernel
 from llmos.config import Config, load_config
 from llmos.cpu.models import ModelManager
+from llmos.kernel.devices import LLMBackend
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore
 
@@ -45,6 +48,27 @@ def count_tokens(smollm_path: Path) -> Callable[[str], int]:
 @pytest.fixture
 def config(llmos_home: Path, models_dir: Path) -> Config:
     return load_config()
+
+
+KernelFactory = Callable[[LLMBackend], Kernel]
+
+
+@pytest.fixture
+def kernel_with(config: Config, embedder: OnnxEmbeddingFunction) -> Iterator[KernelFactory]:
+    """Makes a kernel (not booted) with this model and the real embedded store of the test's home.
+    The kernel closes the store only if a process used it: each new kernel closes the earlier ones'
+    stores (their kernels must have ended), and so does the end of the test."""
+    stores: list[MemoryStore] = []
+
+    def make(llm: LLMBackend) -> Kernel:
+        for earlier in stores:
+            earlier.close()
+        stores.append(MemoryStore.open(config, embedder=embedder))
+        return Kernel(config, llm=llm, memory=stores[-1])
+
+    yield make
+    for store in stores:
+        store.close()
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config, SandboxConfig, SandboxLimits
+from llmos.kernel.devices import Sandbox
 from llmos.sandbox import open_sandbox
-from llmos.sandbox.base import Sandbox
 
 BACKENDS = ["namespace", "subprocess", "docker"]
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import stat
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from llmos.config import Config, SandboxConfig, SandboxLimits
+from llmos.kernel.devices import Sandbox
 from llmos.sandbox import SandboxError, SandboxUnavailable, open_sandbox
-from llmos.sandbox.base import Sandbox
 from llmos.sandbox.cli import app
-from llmos.sandbox.namespace import NamespaceSandbox
+from llmos.sandbox.frame import WorkerSandbox
 from llmos.sandbox.subprocess import SubprocessSandbox
 
 
@@ -172,21 +177,80 @@ async def test_idle_session_is_stopped_and_says_so(tmp_path: Path) -> None:
     assert after.restarted and after.value == "(False, ['kept.txt'])"
 
 
-async def test_namespace_pool_serves_new_sessions_warm(tmp_path: Path, limits: SandboxLimits) -> None:
-    config = Config(home=tmp_path, sandbox=SandboxConfig(backend="namespace", pool_size=2, limits=limits))
-    async with NamespaceSandbox(config) as sandbox:
+@pytest.fixture(params=["namespace", "docker"])
+async def pooled(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    limits: SandboxLimits,
+    find_processes: Callable[[str], list[int]],
+) -> AsyncIterator[WorkerSandbox[Any]]:
+    """A sandbox of a backend with a warm pool of one worker, started."""
+    host = request.getfixturevalue("docker_host") if request.param == "docker" else None
+    sandbox_config = SandboxConfig(backend=request.param, docker_host=host, pool_size=1, limits=limits)
+    sandbox = open_sandbox(Config(home=tmp_path / "home", sandbox=sandbox_config))
+    try:
         await sandbox.warm_up()
-        waiting = sandbox.warm_pids
-        assert len(waiting) == 2
-        result = await sandbox.exec("fresh", "open('out.txt', 'w').write('hi')\nimport os\nos.listdir('.')")
-        assert sandbox.session("fresh").pid in waiting
-        assert result.value == "['out.txt']" and not result.restarted
-        assert (sandbox.workspace("fresh") / "out.txt").read_text() == "hi"
-        # Other limits than the pool's: a new worker, but nothing was lost, so not `restarted`.
-        other = await sandbox.exec("other", "1", limits.model_copy(update={"memory_mb": 64}))
-        assert other.value == "1" and not other.restarted
-    assert list((tmp_path / "sandbox" / "namespace" / "spares").iterdir()) == []
-    assert (tmp_path / "workspaces" / "fresh" / "out.txt").read_text() == "hi"
+        yield sandbox
+    finally:
+        await sandbox.aclose()
+    # Closing drains the pool: no warm worker is left running, and no spare directory.
+    assert find_processes(str(tmp_path)) == []
+    assert list(sandbox.spares.iterdir()) == []
+
+
+async def test_warm_worker_serves_a_new_session_in_its_workspace(pooled: WorkerSandbox[Any]) -> None:
+    [warm] = pooled.warm_pids
+    # The kernel made the process's folder and a file tool wrote to it before any code ran.
+    workspace = pooled.config.workspace("fresh")
+    workspace.mkdir(parents=True)
+    (workspace / "given.txt").write_text("from a file tool")
+    listed = await pooled.exec(
+        "fresh", "open('made.txt', 'w').write('hi')\nimport os\nsorted(os.listdir('.'))"
+    )
+    assert pooled.session("fresh").pid == warm
+    assert listed.value == "['given.txt', 'made.txt']" and not listed.restarted
+    assert (workspace / "made.txt").read_text() == "hi"
+    # Other limits than the pool's: a worker of its own, but nothing was lost, so not `restarted`.
+    other = await pooled.exec("other", "1", pooled.config.sandbox.limits.model_copy(update={"memory_mb": 64}))
+    assert other.value == "1" and not other.restarted and pooled.session("other").pid != warm
+    await pooled.warm_up()  # the pool was refilled behind the session's back
+    assert len(pooled.warm_pids) == 1 and pooled.warm_pids != [warm]
+    assert (pooled.config.workspace("fresh") / "given.txt").read_text() == "from a file tool"
+
+
+async def test_a_dead_warm_worker_is_not_handed_out(pooled: WorkerSandbox[Any]) -> None:
+    [dead] = pooled.warm_pids
+    os.kill(dead, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while dead in pooled.warm_pids:
+            await asyncio.sleep(0.01)
+    result = await pooled.exec("s", "6 * 7")
+    assert result.value == "42" and not result.restarted and pooled.session("s").pid != dead
+
+
+async def test_warm_pool_refuses_a_symlinked_workspace_and_leaves_its_target_alone(
+    pooled: WorkerSandbox[Any], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("keep")
+    link = pooled.config.workspace("evil")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere)
+    with pytest.raises(SandboxError, match="symbolic link"):
+        await pooled.exec("evil", "1")
+    assert [p.name for p in elsewhere.iterdir()] == ["precious.txt"]
+    assert len(pooled.warm_pids) == 1  # the warm worker still waits for a session
+
+
+async def test_a_call_leaves_the_workspace_folder_as_it_is(sandbox: Sandbox) -> None:
+    # The workspace is made ready when a worker starts in it, not on every call: a user who
+    # opens the folder to a group keeps it open.
+    await sandbox.exec("s", "1")
+    workspace = sandbox.workspace("s")
+    workspace.chmod(0o750)
+    assert (await sandbox.exec("s", "open('f', 'w').write('x')")).ok
+    assert stat.S_IMODE(workspace.stat().st_mode) == 0o750
 
 
 def test_doctor_fails_when_the_configured_backend_cannot_run(
