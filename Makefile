@@ -60,6 +60,7 @@ models: python-deps
 
 lint: python-deps
 	$(VENV)/bin/ruff check llmos tests bench examples
+	$(VENV)/bin/lint-imports
 
 typecheck: python-deps
 	$(VENV)/bin/mypy

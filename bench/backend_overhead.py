@@ -30,7 +30,7 @@ from llama_cpp import Llama
 
 from llmos.config import load_config
 from llmos.cpu.llamacpp import LlamaCppBackend
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 from llmos.kernel.devices import ChatRequest, Message
 
 N_CTX = 2048

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from llmos.config import load_config
 from llmos.cpu.llamacpp import LlamaCppBackend
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 from llmos.kernel.devices import ChatRequest, Message
 
 WEATHER = ["dry", "wet", "windy"]

@@ -36,7 +36,7 @@ import numpy as np
 
 from llmos import Kernel
 from llmos.config import Config, MemoryConfig, load_config
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 from llmos.cpu.scripted import ScriptedLLM
 from llmos.kernel import State
 from llmos.kernel.devices import ChatRequest, Message, ToolCall

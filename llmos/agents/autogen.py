@@ -662,10 +662,14 @@ async def team_program(proc: Process, spec: dict[str, Any], task: str) -> dict[s
     names = sorted({name for member in team_spec.members for name in member.tools})
     listed = await proc.syscall("tool.list", names=names)
     if listed.error is not None:
-        raise TeamSpecError(
-            f"{listed.error.message} Register a member's tools with kernel.tools.register(...)."
-        )
-    tools: dict[str, ToolSpec] = {spec.name: spec for spec in listed.value}
+        for member in team_spec.members:
+            for name in member.tools:
+                if (await proc.syscall("tool.list", names=[name])).error is not None:
+                    raise TeamSpecError(
+                        f"Member {member.name!r} names tool {name!r}, which this kernel does not have; "
+                        "register it with kernel.tools.register(...)."
+                    )
+    tools: dict[str, ToolSpec] = {spec.name: spec for spec in listed.unwrap()}
     # Known up front: model_info must be the backend's when AutoGen reads it.
     models = {team_spec.model, *(m.model or team_spec.model for m in team_spec.members)}
     infos = {model: (await proc.syscall("llm.info", model=model)).unwrap() for model in models}

@@ -67,7 +67,7 @@ def open_backend(config: Config, model: str | None = None) -> LLMBackend:
             f"Model {spec!r} runs locally, which needs llama-cpp-python ({exc}): install it with "
             "`pip install 'llmos[local]'`, or use a model on a server (openai:NAME or llm.base_url)."
         ) from None
-    from llmos.cpu.models import ModelManager
+    from llmos.models import ModelManager
 
     manager = ModelManager(config.models_dir)
     path = manager.resolve(spec)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmos.config import load_config
-from llmos.cpu.models import ModelError, ModelManager
+from llmos.models import ModelError, ModelManager
 
 app = typer.Typer(help="Manage models", no_args_is_help=True)
 _out = Console()

@@ -336,7 +336,8 @@ class Kernel:
             self.journal.set_state(
                 proc.pid, state, result=result, error=error, ended_at=ended_at, wall_time_s=wall_time
             )
-        proc.info.state, proc.info.result, proc.info.error, proc.info.ended_at = state, result, error, ended_at
+        proc.info.state, proc.info.result, proc.info.error = state, result, error
+        proc.info.ended_at = ended_at
         proc.info.usage.wall_time_s = wall_time
         self._live.pop(proc.pid, None)
         if state.finished and self._sandbox is not None:

@@ -175,7 +175,7 @@ class MemoryStore:
         from chromadb.config import Settings
 
         if embedder is None:
-            from llmos.cpu.models import ModelManager
+            from llmos.models import ModelManager
 
             model_dir = ModelManager(config.models_dir).ensure(config.memory.embedding_model)
             embedder = OnnxEmbeddingFunction(model_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config, load_config
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 from llmos.cpu.scripted import ScriptedLLM, ScriptedReply
 from llmos.kernel.devices import ChatRequest, ChatResult, TextCallback
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llmos.config import load_config
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmos.cpu import cli
-from llmos.cpu.models import (
+from llmos.models import (
     CatalogEntry,
     HFSource,
     ModelError,

@@ -7,7 +7,6 @@ from __future__ import annotations
 from programs import fetch_page, run_command
 
 from llmos.kernel.process import Process
-from llmos.kernel.program import ErrorCode
 from llmos.tools.registry import Risk, tool
 
 TOOLS = (fetch_page, run_command)
@@ -67,7 +66,9 @@ async def obey_mail(proc: Process) -> object:
 
 async def fetch_and_spawn(proc: Process) -> object:
     text = await fetch(proc)
-    child = (await proc.syscall("proc.spawn", program=f"{__name__}:obey_argument", args={"text": text})).unwrap()
+    child = (
+        await proc.syscall("proc.spawn", program=f"{__name__}:obey_argument", args={"text": text})
+    ).unwrap()
     return (await proc.syscall("proc.wait", pid=child)).unwrap().result
 
 
@@ -103,7 +104,9 @@ async def remember_plainly(proc: Process, text: str) -> list[str]:
 
 
 async def recall_and_obey(proc: Process) -> object:
-    hits = (await proc.syscall("mem.search", query="standing instruction", namespaces=["shared"], k=1)).unwrap()
+    hits = (
+        await proc.syscall("mem.search", query="standing instruction", namespaces=["shared"], k=1)
+    ).unwrap()
     return await obey(proc, hits[0].text)
 
 
@@ -116,6 +119,3 @@ async def fetch_and_write(proc: Process) -> object:
     reply = await proc.syscall("tool.call", name="write_file", arguments=args)
     return reply.value.content if reply.ok else reply.error.code  # type: ignore[union-attr]
 
-
-def denied() -> ErrorCode:
-    return ErrorCode.DENIED

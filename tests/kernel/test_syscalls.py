@@ -19,7 +19,7 @@ from llmos import Kernel
 from llmos.config import SandboxConfig, load_config
 from llmos.cpu.scripted import ScriptedLLM
 from llmos.kernel import ErrorCode, Process, State
-from llmos.kernel.devices import ChatResult, ExecResult, ModelInfo, ToolContext, ToolResult, ToolSpec
+from llmos.kernel.devices import ChatResult, ModelInfo, ToolContext, ToolResult, ToolSpec
 from llmos.kernel.mailbox import Mail, MailSent
 from llmos.kernel.syscalls import TABLE, ProcessExit
 from llmos.tools.registry import tool
@@ -121,7 +121,9 @@ async def test_replies_are_the_rows_models_live_and_when_replayed(llmos_home: Pa
 async def typed_replies(proc: Process) -> list[bool]:
     child = (await proc.syscall("proc.spawn", program=f"{__name__}:quiet")).unwrap()
     checks = [
-        isinstance((await proc.syscall("llm.chat", messages=[{"role": "user", "content": "hi"}])).value, ChatResult),
+        isinstance(
+            (await proc.syscall("llm.chat", messages=[{"role": "user", "content": "hi"}])).value, ChatResult
+        ),
         isinstance((await proc.syscall("llm.info")).value, ModelInfo),
         (await proc.syscall("llm.count", texts=["one two", "three"])).value == [2, 1],
         all(isinstance(s, ToolSpec) for s in (await proc.syscall("tool.list", names=["stamped"])).value),

@@ -142,5 +142,7 @@ async def test_taint_travels_with_a_file_the_process_wrote(kernel: Kernel) -> No
     plan = kernel.config.workspace(pid) / "plan.txt"
     assert os.getxattr(plan, UNTRUSTED_XATTR) == b"1"
     # Whoever reads the file later (here a tool called on its own) gets it as untrusted data.
-    result = await read_file.invoke({"path": "plan.txt"}, ToolContext(process=detached(), workspace=plan.parent))
+    result = await read_file.invoke(
+        {"path": "plan.txt"}, ToolContext(process=detached(), workspace=plan.parent)
+    )
     assert result.ok and result.untrusted

@@ -11,7 +11,7 @@ import pytest
 
 from llmos import Kernel
 from llmos.config import Config, load_config
-from llmos.cpu.models import ModelManager
+from llmos.models import ModelManager
 from llmos.kernel.devices import LLMBackend
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore

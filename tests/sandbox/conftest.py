@@ -111,15 +111,16 @@ async def sandbox(
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
     host = request.getfixturevalue("docker_host") if backend == "docker" else None
     config = sandbox_config(tmp_path / "home", backend, host)
-    cgroups_before = set(llmos_cgroups())
     opened = open_sandbox(config)
+    instance = getattr(opened, "instance_id", None)
     try:
         yield opened
     finally:
         await opened.aclose()
     # The host is unaffected: nothing that mentions this sandbox's home is still running, no new
     # cgroup is left, and no warm worker's spare directory. (Workspaces stay: they are the processes'.)
-    assert stray_processes(config.home, getattr(opened, "instance_id", None)) == []
-    assert set(llmos_cgroups()) - cgroups_before == set()
+    assert stray_processes(config.home, instance) == []
+    # Its own cgroups are named after its instance (other runs on the machine may have theirs).
+    assert [path for path in llmos_cgroups() if instance and path.name.startswith(f"{instance}-")] == []
     spares = config.home / "sandbox" / backend / "spares"
     assert not spares.exists() or list(spares.iterdir()) == []

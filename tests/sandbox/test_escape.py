@@ -582,7 +582,7 @@ async def write_while_swapped(proc: Process, outside: str, writes: int) -> dict[
     landed = refused = 0
     for _ in range(writes):
         reply = (await call("write_file", path="d/x", content="host")).unwrap()
-        refused += not reply["ok"]
+        refused += not reply.ok
         landed += folder.touched()
     (await call("write_file", path="stop", content="")).unwrap()
     done = (await call("python", code="swapper.join(10)\nexchanges")).unwrap()
