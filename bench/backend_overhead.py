@@ -30,8 +30,8 @@ from llama_cpp import Llama
 
 from llmos.config import load_config
 from llmos.cpu.llamacpp import LlamaCppBackend
-from llmos.models import ModelManager
 from llmos.kernel.devices import ChatRequest, Message
+from llmos.models import ModelManager
 
 N_CTX = 2048
 PROMPT = "Write a long, detailed story about a robot who learns to paint. Use many paragraphs."

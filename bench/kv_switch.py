@@ -33,8 +33,8 @@ from pathlib import Path
 
 from llmos.config import load_config
 from llmos.cpu.llamacpp import LlamaCppBackend
-from llmos.models import ModelManager
 from llmos.kernel.devices import ChatRequest, Message
+from llmos.models import ModelManager
 
 WEATHER = ["dry", "wet", "windy"]
 TOPICS = ["a lighthouse keeper", "a bakery", "a mountain railway", "a river delta", "a chess club", "a comet"]

@@ -36,7 +36,6 @@ import numpy as np
 
 from llmos import Kernel
 from llmos.config import Config, MemoryConfig, load_config
-from llmos.models import ModelManager
 from llmos.cpu.scripted import ScriptedLLM
 from llmos.kernel import State
 from llmos.kernel.devices import ChatRequest, Message, ToolCall
@@ -44,6 +43,7 @@ from llmos.kernel.process import Process
 from llmos.memory.context import ContextBudget, ContextWindow, message_text
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore, NewRecord
+from llmos.models import ModelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' server helper
 from loopback import chroma_server

@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from llmos.config import ConfigError, load_config
-from llmos.models import ModelError
 from llmos.memory.store import MemoryStore, MemoryStoreError
+from llmos.models import ModelError
 
 app = typer.Typer(help="Search and export long-term memory", no_args_is_help=True)
 _out = Console()

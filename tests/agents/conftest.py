@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from llmos.config import Config, load_config
-from llmos.models import ModelManager
 from llmos.cpu.scripted import ScriptedLLM, ScriptedReply
 from llmos.kernel.devices import ChatRequest, ChatResult, TextCallback
+from llmos.models import ModelManager
 
 SMALL_MODEL = "smollm2-135m-instruct"
 

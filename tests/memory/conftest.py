@@ -11,10 +11,10 @@ import pytest
 
 from llmos import Kernel
 from llmos.config import Config, load_config
-from llmos.models import ModelManager
 from llmos.kernel.devices import LLMBackend
 from llmos.memory.embeddings import OnnxEmbeddingFunction
 from llmos.memory.store import MemoryStore
+from llmos.models import ModelManager
 
 
 @pytest.fixture(scope="session")
