@@ -497,7 +497,7 @@ def race_the_file_tools(ctx: ToolContext, outside: OutsideFolder, real_d: int) -
         attempt(
             "read_file",
             lambda: read_file(path="d/x", ctx=ctx),
-            lambda result: result["content"].encode() == OUTSIDE_TEXT,
+            lambda result: result.content["content"].encode() == OUTSIDE_TEXT,
         )
     for _ in range(RACE_CALLS):
         attempt("write_file", lambda: write_file(path="d/x", content="host", ctx=ctx), lambda _: False)

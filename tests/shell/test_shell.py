@@ -45,7 +45,7 @@ def test_shell_runs_a_task_lists_approves_and_kills(tmp_path: Path, llmos_home: 
         shell.expect(r"1\s+-\s+assistant\s+done")
 
         shell.sendline("/spawn write in the background")
-        shell.expect(r"approval needed \[2:2\] write_file")  # its first syscall is the model call
+        shell.expect(r"approval needed \[2:3\] write_file")  # after tool.list and the model call
         shell.sendline("/ps")
         shell.expect(r"2\s+-\s+assistant\s+blocked-on-approval")
         shell.sendline("/top 0.5")  # NOW: the syscall it waits in

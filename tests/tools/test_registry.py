@@ -270,8 +270,10 @@ def test_registry() -> None:
     assert [t.name for t in registry] == registry.names()
     assert [s.name for s in registry.specs(["kinds"])] == ["kinds"]
     assert len(registry.specs()) == 3
+    registry.register(greet)  # the same tool again: nothing changes
+    assert registry.names() == ["greet", "register_person", "kinds"]
     with pytest.raises(ValueError, match="already registered"):
-        registry.register(greet)
+        registry.register(tool(name="greet")(lambda: "another greet"))
     with pytest.raises(UnknownTool) as info:
         registry.get("greeet")
     message = str(info.value)
