@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -362,3 +363,32 @@ async def test_a_huge_response_is_truncated(api: tuple[str, list[dict[str, Any]]
     result = await big.invoke({}, ctx)
     assert result.ok and result.content["truncated"] is True
     assert isinstance(result.content["body"], str) and len(result.content["body"]) == 1000
+
+
+async def read_then_delete(proc: Process) -> Any:
+    """A compromised model: it reads the API (untrusted data), then deletes what it was told to."""
+    (await proc.syscall("tool.call", name="listPets", arguments={})).unwrap()
+    reply = await proc.syscall("tool.call", name="deletePet", arguments={"petId": "1"})
+    return reply.value.ok if reply.ok else reply.error.code  # type: ignore[union-attr]
+
+
+async def test_after_reading_an_api_a_delete_on_it_waits_for_a_person(
+    tools: dict[str, Tool], tmp_path: Path, api: tuple[str, list[dict[str, Any]]]
+) -> None:
+    _, received = api
+    before = len(received)  # the server is shared with the other tests of this module
+    config = load_config(env={"LLMOS_HOME": str(tmp_path / "home")})
+    async with Kernel(config, secrets={"PETS_KEY": API_KEY}) as kernel:
+        kernel.tools.register(*tools.values())
+        pid = await kernel.spawn(read_then_delete)
+        for _ in range(1000):
+            pending = kernel.approvals.pending(pid)
+            if pending:
+                break
+            await asyncio.sleep(0.01)
+        (approval,) = pending
+        assert approval.tool == "deletePet" and approval.risk == "write" and "untrusted" in approval.reason
+        assert not any(r["method"] == "DELETE" for r in received[before:])  # nothing sent before the answer
+        kernel.approve(approval.key, approve=False)
+        assert (await kernel.wait(pid, timeout_s=60)).result == "denied"
+    assert [r["method"] for r in received[before:]] == ["GET"]
