@@ -80,7 +80,9 @@ def ps(
     """List processes: state, the syscall each is in now, tokens, tool calls and time used."""
     config = load_config()
     journal = Journal.open_read_only(config.journal_path)
-    table = Table("PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None)
+    table = Table(
+        "PID", "PPID", "NAME", "STATE", "TRUST", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME", box=None
+    )
     if journal is None:
         out.print(table)
         return
@@ -98,6 +100,7 @@ def ps(
             str(info.ppid or "-"),
             Text(info.name),
             state,
+            "tainted" if info.tainted else "-",  # it read untrusted data: its risky actions ask first
             Text(doing),
             str(usage.tokens),
             str(usage.tool_calls),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 LLMOS = Path(sys.executable).with_name("llmos")
-PS_COLUMNS = ["PID", "PPID", "NAME", "STATE", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME"]
+PS_COLUMNS = ["PID", "PPID", "NAME", "STATE", "TRUST", "NOW", "TOKENS", "TOOLS", "SYSCALLS", "TIME"]
 
 
 def llmos(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

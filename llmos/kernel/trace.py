@@ -32,6 +32,8 @@ def trace_lines(events: list[JournalEvent]) -> list[str]:
         if event.kind == "state":
             error = f" ({event.data['error']})" if event.data.get("error") else ""
             lines.append(f"{offset}  --- {event.data['state']}{error} ---")
+        elif event.kind == "taint":
+            lines.append(f"{offset}  --- tainted: #{event.seq} {event.name} returned untrusted data ---")
         elif event.kind == "result":
             call = calls.get(event.seq)
             args = ", ".join(f"{k}={short(v, 60)}" for k, v in (call.data["args"] if call else {}).items())

@@ -185,7 +185,7 @@ class Shell:
     async def ps(self, args: list[str]) -> None:
         if args not in ([], ["-a"]):
             raise UsageError("ps")
-        table = Table("PID", "PPID", "NAME", "STATE", "TOKENS", "TOOLS", "TIME", box=None)
+        table = Table("PID", "PPID", "NAME", "STATE", "TRUST", "TOKENS", "TOOLS", "TIME", box=None)
         processes = self.kernel.ps()
         last = processes[-1].pid if processes else None
         for info in processes:
@@ -194,6 +194,7 @@ class Shell:
             usage = info.usage
             table.add_row(
                 str(info.pid), str(info.ppid or "-"), Text(info.name), info.state.value,
+                "tainted" if info.tainted else "-",
                 str(usage.tokens), str(usage.tool_calls), f"{usage.wall_time_s:.1f}s",
             )  # fmt: skip
         self.console.print(table)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -34,6 +36,7 @@ from taint_programs import (
 )
 
 from llmos import Kernel
+from llmos.cli import app
 from llmos.config import load_config
 from llmos.kernel import ProcessInfo, State
 from llmos.kernel.devices import ToolContext
@@ -76,6 +79,11 @@ async def test_an_approval_covers_the_call_not_the_taint(kernel: Kernel) -> None
     assert info.tainted
     taints = [event for event in kernel.log(pid) if event.kind == "taint"]
     assert [(event.seq, event.name) for event in taints] == [(1, "tool.call")]
+    # A person sees it from any terminal: in the process table and in the trace.
+    listing = CliRunner().invoke(app, ["ps", "--all"]).output
+    assert re.search(rf"^\s*{pid}\s+-\s+obey_twice\s+done\s+tainted\b", listing, re.M), listing
+    trace = CliRunner().invoke(app, ["log", str(pid)]).output
+    assert "--- tainted: #1 tool.call returned untrusted data ---" in trace
 
 
 async def test_after_untrusted_data_a_write_asks_first(kernel: Kernel) -> None:
